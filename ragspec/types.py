@@ -1,0 +1,153 @@
+"""The dataclasses that pass between stages: propose -> fuse -> verify -> accept -> commit.
+
+Trees are parent-index arrays. Node i's parent is `parents[i]`; ROOT (-1) is the pending token
+(the last committed token, whose KV is not yet in the cache). Parents always come before their
+children (`parents[i] < i`), so one pass over the arrays visits a tree top-down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+ROOT = -1
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    token_ids: np.ndarray  # [num_nodes] int64
+    parents: np.ndarray  # [num_nodes] int64, ROOT or an index < own index
+    scores: np.ndarray  # [num_nodes] float64, estimated P(this node is accepted); never above the parent's
+    sources: tuple[str, ...]  # [num_nodes] the drafter that proposed each node (first proposer wins)
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        if not (len(self.parents) == len(self.scores) == len(self.sources) == n):
+            raise ValueError("DraftTree arrays must have one entry per node")
+        if n and np.any(self.parents >= np.arange(n)):
+            raise ValueError("DraftTree parents must come before their children")
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.token_ids)
+
+    @classmethod
+    def empty(cls) -> "DraftTree":
+        return cls(
+            token_ids=np.zeros(0, dtype=np.int64),
+            parents=np.zeros(0, dtype=np.int64),
+            scores=np.zeros(0, dtype=np.float64),
+            sources=(),
+        )
+
+
+@dataclass(frozen=True)
+class VerifyOutput:
+    """Target logits for the pending token (row 0) and every tree node (row i + 1)."""
+
+    logits: torch.Tensor  # [1 + num_nodes, vocab] float32
+    verify_s: float
+
+
+@dataclass(frozen=True)
+class AcceptResult:
+    accepted_nodes: list[int]  # tree node indices along the accepted path, top-down
+    accepted_tokens: list[int]  # their token ids (same length)
+    bonus_token: int  # the target's own token after the accepted path; the next pending token
+
+    @property
+    def num_accepted(self) -> int:
+        return len(self.accepted_tokens)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one decoding step committed, handed to every drafter's `observe`."""
+
+    tree: DraftTree
+    accept: AcceptResult
+    logits: torch.Tensor  # [1 + num_nodes, vocab] the verify logits (recycling drafters read them)
+    draft_s: float
+    verify_s: float
+
+
+@dataclass
+class SpecStats:
+    """Per-request speculation metrics. Names follow vLLM's where one exists."""
+
+    num_steps: int = 0
+    num_generated_tokens: int = 0
+    num_draft_tokens: int = 0  # tree nodes verified
+    num_accepted_tokens: int = 0  # draft tokens accepted (bonus tokens excluded)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    total_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    accepted_per_depth: list[int] = field(default_factory=list)  # [depth] accepted tokens at depth d+1
+    acceptance_histogram: list[int] = field(default_factory=list)  # [k] steps that accepted k drafts
+    accepted_per_source: dict[str, int] = field(default_factory=dict)
+    drafted_per_source: dict[str, int] = field(default_factory=dict)
+
+    def record(self, step: StepResult) -> None:
+        self.num_steps += 1
+        self.num_draft_tokens += step.tree.num_nodes
+        self.num_accepted_tokens += step.accept.num_accepted
+        self.draft_s += step.draft_s
+        self.verify_s += step.verify_s
+        k = step.accept.num_accepted
+        _bump(self.acceptance_histogram, k)
+        for depth in range(k):
+            _bump(self.accepted_per_depth, depth)
+        for source in step.tree.sources:
+            self.drafted_per_source[source] = self.drafted_per_source.get(source, 0) + 1
+        for node in step.accept.accepted_nodes:
+            source = step.tree.sources[node]
+            self.accepted_per_source[source] = self.accepted_per_source.get(source, 0) + 1
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens committed per target forward, bonus token included (1.0 = plain decoding)."""
+        return (self.num_accepted_tokens + self.num_steps) / self.num_steps if self.num_steps else 0.0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_generated_tokens / self.total_s if self.total_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        decode_s = self.total_s - self.prefill_s
+        return self.num_generated_tokens / decode_s if decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "num_steps": self.num_steps,
+            "num_generated_tokens": self.num_generated_tokens,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "mean_acceptance_length": self.mean_acceptance_length,
+            "draft_acceptance_rate": self.draft_acceptance_rate,
+            "tokens_per_s": self.tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "time_to_first_token_s": self.time_to_first_token_s,
+            "prefill_s": self.prefill_s,
+            "draft_s": self.draft_s,
+            "verify_s": self.verify_s,
+            "total_s": self.total_s,
+            "accepted_per_depth": list(self.accepted_per_depth),
+            "acceptance_histogram": list(self.acceptance_histogram),
+            "accepted_per_source": dict(self.accepted_per_source),
+            "drafted_per_source": dict(self.drafted_per_source),
+        }
+
+
+def _bump(counts: list[int], index: int) -> None:
+    while len(counts) <= index:
+        counts.append(0)
+    counts[index] += 1

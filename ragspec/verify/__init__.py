@@ -1,0 +1,5 @@
+"""Verification: one target forward over the pending token plus a draft tree."""
+
+from ragspec.verify.verifier import TreeVerifier
+
+__all__ = ["TreeVerifier"]
