@@ -1,0 +1,16 @@
+"""Benchmark harness: ragspec vs plain decoding vs transformers peers on real workloads."""
+
+from ragspec.bench.peers import DEFAULT_METHODS
+from ragspec.bench.runner import BenchOptions, run_benchmark
+from ragspec.bench.workloads import DEFAULT_WORKLOADS, FULL_WORKLOADS, Request, Workload, load_workload
+
+__all__ = [
+    "DEFAULT_METHODS",
+    "DEFAULT_WORKLOADS",
+    "FULL_WORKLOADS",
+    "BenchOptions",
+    "Request",
+    "Workload",
+    "load_workload",
+    "run_benchmark",
+]

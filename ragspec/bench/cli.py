@@ -1,0 +1,72 @@
+"""`ragspec bench`: a thin click layer over ragspec.bench.run_benchmark."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ragspec.bench.peers import DEFAULT_METHODS
+from ragspec.bench.runner import DEFAULT_DATA_DIR, DEFAULT_JSON, DEFAULT_LIMIT, FULL_LIMIT, BenchOptions
+from ragspec.bench.workloads import DEFAULT_WORKLOADS, FULL_WORKLOADS
+from ragspec.errors import RagspecError
+
+
+@click.command("bench")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, help="Shared evaluation data.")
+@click.option("--workload", "workloads", multiple=True,
+              help="spec_bench:<category>, mt_redundant, longdoc:<set> or jsonl:<path> (repeatable).")
+@click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
+              help="Comma-separated: ragspec-ar, ragspec, hf-greedy, hf-pld, llamacpp-greedy.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help=f"Prompts per workload [default: {DEFAULT_LIMIT}, {FULL_LIMIT} with --full].")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--max-context-tokens", type=click.IntRange(min=1), default=5500, show_default=True,
+              help="Long documents are cut to this many tokens.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Model dtype [default: the engine's choice].")
+@click.option("--model", default=None, help="HF model directory or .gguf file [default: embedded].")
+@click.option("--json", "json_path", default=DEFAULT_JSON, show_default=True,
+              help="Report path; report.md and PNG plots are written beside it.")
+@click.option("--full", is_flag=True, help="All Spec-Bench categories, mt_redundant and long documents.")
+@click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_context_tokens, dtype, model,
+                  json_path, full, no_plots) -> None:
+    """Benchmark ragspec against plain decoding and transformers' generate on real prompts.
+
+    Example: ragspec bench --workload spec_bench:rag --limit 2 --max-new-tokens 64
+    """
+    from ragspec.bench.runner import run_benchmark
+
+    _log_progress_to_stderr()
+    try:
+        options = BenchOptions(
+            workloads=tuple(workloads) or (FULL_WORKLOADS if full else DEFAULT_WORKLOADS),
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            data_dir=data_dir,
+            limit=limit or (FULL_LIMIT if full else DEFAULT_LIMIT),
+            max_new_tokens=max_new_tokens,
+            max_context_tokens=max_context_tokens,
+            dtype=dtype,
+            model=model,
+            json_path=json_path,
+            plots=not no_plots,
+        )
+        report = run_benchmark(options)
+    except RagspecError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for name, entry in report["summary"].items():
+        speedup = entry["geomean_speedup_vs_ragspec_ar"]
+        click.echo(f"{name:16s} {entry['tokens_per_s']:7.1f} tok/s  "
+                   f"{'' if speedup is None else f'{speedup:.2f}x'}  identical={entry['identical_outputs']}")
+    click.echo(f"report: {json_path}")
+
+
+def _log_progress_to_stderr() -> None:
+    logger = logging.getLogger("ragspec.bench")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

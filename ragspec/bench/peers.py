@@ -1,0 +1,152 @@
+"""The decoding methods a benchmark compares, all greedy, all on the same loaded model.
+
+  ragspec-ar       ragspec's own loop with speculation off (the reference output)
+  ragspec          ragspec with speculation on
+  hf-greedy        transformers `model.generate(do_sample=False)`
+  hf-pld           transformers prompt lookup decoding (`prompt_lookup_num_tokens=10`)
+  llamacpp-greedy  llama.cpp on the GGUF file, only when `llama_cpp` is importable
+                   (its quantised kernels differ numerically, so identical output is not expected)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ragspec.engine import Engine
+from ragspec.errors import ConfigError
+from ragspec.models import EMBEDDED_MODEL, embedded_model_path
+from ragspec.types import SpecStats
+
+REFERENCE_METHOD = "ragspec-ar"
+SPECULATIVE_METHOD = "ragspec"
+DEFAULT_METHODS = ("ragspec-ar", "ragspec", "hf-greedy", "hf-pld")
+PLD_NUM_TOKENS = 10
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    token_ids: list[int]  # generated tokens, prompt and EOS excluded
+    wall_s: float  # the whole call, prefill included
+    stats: SpecStats | None  # ragspec methods only
+
+
+class Method(Protocol):
+    name: str
+
+    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int) -> MethodOutput: ...
+
+
+@dataclass
+class EngineMethod:
+    name: str
+    engine: Engine
+    speculative: bool
+
+    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int) -> MethodOutput:
+        start = time.perf_counter()
+        out = self.engine.generate(messages, max_new_tokens=max_new_tokens, speculative=self.speculative)
+        wall_s = time.perf_counter() - start
+        return MethodOutput(token_ids=list(out.token_ids), wall_s=wall_s, stats=out.stats)
+
+
+@dataclass
+class HFGenerateMethod:
+    """`generate` on the engine's own HF model, fed the same prompt token ids."""
+
+    name: str
+    engine: Engine
+    prompt_lookup_num_tokens: int | None = None
+
+    @torch.inference_mode()
+    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int) -> MethodOutput:
+        target = self.engine.target
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=target.device)
+        extra = {}
+        if self.prompt_lookup_num_tokens:
+            extra["prompt_lookup_num_tokens"] = self.prompt_lookup_num_tokens
+        eos = sorted(target.eos_token_ids)
+        start = time.perf_counter()
+        output = target.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=eos[0] if eos else None,
+            **extra,
+        )
+        wall_s = time.perf_counter() - start
+        generated = output[0, len(prompt_ids):].tolist()
+        return MethodOutput(token_ids=cut_at_eos(generated, target.eos_token_ids), wall_s=wall_s, stats=None)
+
+
+@dataclass
+class LlamaCppMethod:
+    """llama.cpp greedy decoding of the same prompt token ids (the GGUF file's own weights)."""
+
+    name: str
+    llama: object  # llama_cpp.Llama
+    eos_token_ids: set[int]
+
+    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int) -> MethodOutput:
+        self.llama.reset()
+        tokens: list[int] = []
+        start = time.perf_counter()
+        for token in self.llama.generate(prompt_ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            if token in self.eos_token_ids or len(tokens) >= max_new_tokens:
+                break
+            tokens.append(int(token))
+        return MethodOutput(token_ids=tokens, wall_s=time.perf_counter() - start, stats=None)
+
+
+def cut_at_eos(token_ids: list[int], eos_token_ids: set[int]) -> list[int]:
+    """Tokens before the first EOS, as the engine returns them."""
+    for index, token in enumerate(token_ids):
+        if token in eos_token_ids:
+            return token_ids[:index]
+    return token_ids
+
+
+def llamacpp_available() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def build_methods(names: Sequence[str], engine: Engine, model_path: str | None, n_ctx: int) -> list[Method]:
+    """Methods by name, the reference `ragspec-ar` always first."""
+    ordered = [REFERENCE_METHOD, *(n for n in dict.fromkeys(names) if n != REFERENCE_METHOD)]
+    return [_build_method(name, engine, model_path, n_ctx) for name in ordered]
+
+
+def _build_method(name: str, engine: Engine, model_path: str | None, n_ctx: int) -> Method:
+    if name in (REFERENCE_METHOD, SPECULATIVE_METHOD):
+        return EngineMethod(name, engine, speculative=name == SPECULATIVE_METHOD)
+    if name == "hf-greedy":
+        return HFGenerateMethod(name, engine)
+    if name == "hf-pld":
+        return HFGenerateMethod(name, engine, prompt_lookup_num_tokens=PLD_NUM_TOKENS)
+    if name == "llamacpp-greedy":
+        return _llamacpp_method(engine, model_path, n_ctx)
+    raise ConfigError(
+        f"unknown method {name!r}: use ragspec-ar, ragspec, hf-greedy, hf-pld or llamacpp-greedy"
+    )
+
+
+def _llamacpp_method(engine: Engine, model_path: str | None, n_ctx: int) -> Method:
+    if not llamacpp_available():
+        raise ConfigError("method llamacpp-greedy needs llama-cpp-python: pip install llama-cpp-python")
+    if model_path is None or model_path == EMBEDDED_MODEL:
+        gguf = embedded_model_path()
+    elif str(model_path).endswith(".gguf"):
+        gguf = Path(model_path).expanduser()
+    else:
+        raise ConfigError("method llamacpp-greedy needs a .gguf model (or the embedded default)")
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False)
+    return LlamaCppMethod("llamacpp-greedy", llama, engine.target.eos_token_ids)

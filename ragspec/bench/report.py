@@ -1,0 +1,308 @@
+"""Turn per-prompt method outputs into the report: JSON, a Markdown summary and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ragspec.bench.peers import REFERENCE_METHOD, SPECULATIVE_METHOD, MethodOutput
+from ragspec.types import SpecStats
+
+if TYPE_CHECKING:
+    from ragspec.bench.runner import BenchOptions
+    from ragspec.engine import Engine
+
+log = logging.getLogger(__name__)
+
+PLD_METHOD = "hf-pld"
+DIVERGENCE_NOTE = (
+    "position = index of the first generated token that differs from ragspec-ar; the fp32 top-2 "
+    "logit gap there is not recomputed (top2_gap_fp32 is null)"
+)
+
+
+@dataclass(frozen=True)
+class WorkloadRun:
+    name: str
+    max_new_tokens: int
+    request_ids: list[str]
+    outputs: dict[str, list[MethodOutput]]  # method -> one output per request, same order
+
+
+@dataclass(frozen=True)
+class RunMetadata:
+    model: str
+    device: str
+    dtype: str
+    torch_version: str
+    transformers_version: str
+    cpu: dict
+    created: str
+    options: dict
+
+    @classmethod
+    def collect(cls, engine: "Engine", options: "BenchOptions") -> "RunMetadata":
+        import transformers
+
+        return cls(
+            model=engine.target.name,
+            device=str(engine.target.device),
+            dtype=str(engine.target.dtype).removeprefix("torch."),
+            torch_version=torch.__version__,
+            transformers_version=transformers.__version__,
+            cpu=cpu_info(),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            options=asdict(options),
+        )
+
+
+def cpu_info() -> dict:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def build_report(meta: RunMetadata, runs: list[WorkloadRun]) -> dict:
+    workloads = [summarize_workload(run, meta.dtype) for run in runs]
+    return {**asdict(meta), "divergence_note": DIVERGENCE_NOTE, "workloads": workloads,
+            "summary": summarize_methods(workloads)}
+
+
+def summarize_workload(run: WorkloadRun, dtype: str) -> dict:
+    methods = {name: _method_metrics(outs) for name, outs in run.outputs.items()}
+    reference = run.outputs.get(REFERENCE_METHOD)
+    for name, metrics in methods.items():
+        metrics["speedup_vs_ragspec_ar"] = _ratio(metrics, methods.get(REFERENCE_METHOD))
+        metrics["speedup_vs_hf_pld"] = _ratio(metrics, methods.get(PLD_METHOD))
+        if reference is None:
+            metrics["identical_outputs"] = None
+            continue
+        divergences = find_divergences(run.outputs[name], reference, run.request_ids)
+        metrics["identical_outputs"] = not divergences
+        if name != REFERENCE_METHOD and dtype != "float32":  # fp32 must match exactly; others report
+            metrics["divergences"] = divergences
+            metrics["divergence_rate"] = len(divergences) / len(reference)
+    spec = run.outputs.get(SPECULATIVE_METHOD)
+    if spec is not None:
+        methods[SPECULATIVE_METHOD].update(_speculation_details(spec))
+    return {"name": run.name, "num_prompts": len(run.request_ids), "max_new_tokens": run.max_new_tokens,
+            "methods": methods}
+
+
+def _method_metrics(outputs: list[MethodOutput]) -> dict:
+    tokens = sum(len(out.token_ids) for out in outputs)
+    wall_s = sum(out.wall_s for out in outputs)
+    stats = [out.stats for out in outputs if out.stats is not None]
+    engine_stats = len(stats) == len(outputs)
+    steps = sum(s.num_steps for s in stats)
+    decode_s = sum(s.total_s - s.prefill_s for s in stats)
+    return {
+        "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "wall_s": wall_s,
+        "num_generated_tokens": tokens,
+        "mean_acceptance_length": (
+            (sum(s.num_accepted_tokens for s in stats) + steps) / steps if engine_stats and steps else None
+        ),
+        "decode_tokens_per_s": (
+            sum(s.num_generated_tokens for s in stats) / decode_s if engine_stats and decode_s > 0 else None
+        ),
+        "time_to_first_token_s": (
+            sum(s.time_to_first_token_s for s in stats) / len(stats) if engine_stats and stats else None
+        ),
+        "wall_s_per_prompt": [out.wall_s for out in outputs],
+    }
+
+
+def _ratio(metrics: dict, base: dict | None) -> float | None:
+    if base is None or not base["tokens_per_s"]:
+        return None
+    return metrics["tokens_per_s"] / base["tokens_per_s"]
+
+
+def find_divergences(outputs: list[MethodOutput], reference: list[MethodOutput], request_ids: list[str]) -> list[dict]:
+    """Prompts whose greedy output differs from the reference, with the first differing position."""
+    found = []
+    for index, (out, ref) in enumerate(zip(outputs, reference)):
+        if out.token_ids == ref.token_ids:
+            continue
+        position = next(
+            (i for i, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)) if a != b),
+            min(len(out.token_ids), len(ref.token_ids)),
+        )
+        found.append({"prompt_index": index, "request_id": request_ids[index], "position": position,
+                      "top2_gap_fp32": None})
+    return found
+
+
+def _speculation_details(outputs: list[MethodOutput]) -> dict:
+    total = SpecStats()
+    for out in outputs:
+        if out.stats is None:
+            continue
+        for key in ("num_steps", "num_draft_tokens", "num_accepted_tokens"):
+            setattr(total, key, getattr(total, key) + getattr(out.stats, key))
+        _add_counts(total.acceptance_histogram, out.stats.acceptance_histogram)
+        _add_counts(total.accepted_per_depth, out.stats.accepted_per_depth)
+        for source, count in out.stats.accepted_per_source.items():
+            total.accepted_per_source[source] = total.accepted_per_source.get(source, 0) + count
+        for source, count in out.stats.drafted_per_source.items():
+            total.drafted_per_source[source] = total.drafted_per_source.get(source, 0) + count
+    return {
+        "accepted_per_source": total.accepted_per_source,
+        "drafted_per_source": total.drafted_per_source,
+        "acceptance_histogram": total.acceptance_histogram,  # [k] steps that accepted k drafts
+        "accepted_per_depth": total.accepted_per_depth,
+        "num_steps": total.num_steps,
+        "num_draft_tokens": total.num_draft_tokens,
+        "draft_acceptance_rate": total.draft_acceptance_rate,
+    }
+
+
+def _add_counts(total: list[int], counts: list[int]) -> None:
+    total.extend([0] * (len(counts) - len(total)))
+    for index, count in enumerate(counts):
+        total[index] += count
+
+
+def summarize_methods(workloads: list[dict]) -> dict:
+    """Per method over all workloads: geometric-mean speedup, overall tok/s, all identical."""
+    summary: dict[str, dict] = {}
+    names = dict.fromkeys(name for w in workloads for name in w["methods"])
+    for name in names:
+        entries = [w["methods"][name] for w in workloads if name in w["methods"]]
+        speedups = [e["speedup_vs_ragspec_ar"] for e in entries if e["speedup_vs_ragspec_ar"]]
+        tokens = sum(e["num_generated_tokens"] for e in entries)
+        wall_s = sum(e["wall_s"] for e in entries)
+        identical = [e["identical_outputs"] for e in entries]
+        summary[name] = {
+            "geomean_speedup_vs_ragspec_ar": _geomean(speedups),
+            "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+            "wall_s": wall_s,
+            "identical_outputs": None if None in identical else all(identical),
+        }
+    return summary
+
+
+def _geomean(values: list[float]) -> float | None:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def write_report(report: dict, json_path: Path, plots: bool = True) -> list[Path]:
+    """Write report.json, report.md and (with matplotlib) the PNG plots; return the paths."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    markdown_path = json_path.with_name("report.md")
+    markdown_path.write_text(render_markdown(report))
+    written = [json_path, markdown_path]
+    if plots:
+        written += write_plots(report, json_path.parent)
+    log.info("wrote %s", ", ".join(str(p) for p in written))
+    return written
+
+
+def render_markdown(report: dict) -> str:
+    lines = [
+        f"# ragspec benchmark — {report['model']}",
+        "",
+        f"{report['device']}, {report['dtype']}, CPU {report['cpu']['model']} "
+        f"({report['cpu']['logical_cores']} cores), torch {report['torch_version']}, "
+        f"transformers {report['transformers_version']}, {report['created']}",
+        "",
+    ]
+    for workload in report["workloads"]:
+        lines += [f"## {workload['name']} ({workload['num_prompts']} prompts, "
+                  f"max_new_tokens {workload['max_new_tokens']})", "", *_method_table(workload["methods"]), ""]
+    lines += ["## Summary", "", "| method | geomean speedup vs ragspec-ar | tok/s overall | identical |",
+              "|---|---:|---:|---|"]
+    for name, entry in report["summary"].items():
+        lines.append(f"| {name} | {_fmt(entry['geomean_speedup_vs_ragspec_ar'], 'x')} | "
+                     f"{_fmt(entry['tokens_per_s'])} | {_fmt_bool(entry['identical_outputs'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _method_table(methods: dict) -> list[str]:
+    rows = ["| method | tok/s | speedup vs ragspec-ar | speedup vs hf-pld | mean acceptance length | identical |",
+            "|---|---:|---:|---:|---:|---|"]
+    for name, m in methods.items():
+        rows.append(f"| {name} | {_fmt(m['tokens_per_s'])} | {_fmt(m['speedup_vs_ragspec_ar'], 'x')} | "
+                    f"{_fmt(m['speedup_vs_hf_pld'], 'x')} | {_fmt(m['mean_acceptance_length'])} | "
+                    f"{_fmt_bool(m['identical_outputs'])} |")
+    return rows
+
+
+def _fmt(value: float | None, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:.2f}{suffix}"
+
+
+def _fmt_bool(value: bool | None) -> str:
+    return "—" if value is None else ("yes" if value else "**no**")
+
+
+def write_plots(report: dict, out_dir: Path) -> list[Path]:
+    """speedup.png and acceptance_hist.png; skipped with a hint when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed, no plots written: pip install 'ragspec[bench]'")
+        return []
+    paths = [_plot_speedup(plt, report, out_dir / "speedup.png")]
+    paths.append(_plot_acceptance(plt, report, out_dir / "acceptance_hist.png"))
+    return paths
+
+
+def _plot_speedup(plt, report: dict, path: Path) -> Path:
+    workloads = report["workloads"]
+    methods = list(report["summary"])
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(workloads)), 4.0))
+    for offset, name in enumerate(methods):
+        values = [w["methods"].get(name, {}).get("speedup_vs_ragspec_ar") or 0.0 for w in workloads]
+        xs = [i + (offset - (len(methods) - 1) / 2) * width for i in range(len(workloads))]
+        ax.bar(xs, values, width=width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(workloads)), [w["name"] for w in workloads], rotation=30, ha="right")
+    ax.set_ylabel("speedup vs ragspec-ar (tok/s)")
+    ax.set_title(f"{report['model']} — {report['device']} {report['dtype']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_acceptance(plt, report: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    for workload in report["workloads"]:
+        histogram = workload["methods"].get(SPECULATIVE_METHOD, {}).get("acceptance_histogram") or []
+        steps = sum(histogram)
+        if steps:
+            lengths = range(1, len(histogram) + 1)  # k accepted drafts + the bonus token
+            ax.plot(lengths, [count / steps for count in histogram], marker="o", label=workload["name"])
+    ax.set_xlabel("tokens committed per step (accepted drafts + bonus)")
+    ax.set_ylabel("fraction of steps")
+    ax.set_title("ragspec acceptance length per workload")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

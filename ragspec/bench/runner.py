@@ -1,0 +1,141 @@
+"""Run every method on every workload prompt with one loaded model, then write the report.
+
+>>> from ragspec.bench import BenchOptions, run_benchmark
+>>> report = run_benchmark(BenchOptions(workloads=("spec_bench:rag",), limit=2, max_new_tokens=64))
+>>> report["workloads"][0]["methods"]["ragspec"]["speedup_vs_ragspec_ar"]
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ragspec.bench.peers import DEFAULT_METHODS, Method, MethodOutput, build_methods
+from ragspec.bench.report import RunMetadata, WorkloadRun, build_report, write_report
+from ragspec.bench.workloads import (
+    DEFAULT_WORKLOADS,
+    DocumentBudget,
+    Request,
+    Workload,
+    load_workload,
+    tokenizer_truncate,
+)
+from ragspec.engine import Engine
+from ragspec.errors import ConfigError
+from ragspec.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+WARMUP_MESSAGES = ({"role": "user", "content": "Say hello and count from one to five."},)
+WARMUP_TOKENS = 8
+DEFAULT_LIMIT = 3
+FULL_LIMIT = 10
+DEFAULT_DATA_DIR = "../shared/data"
+DEFAULT_JSON = "bench-results/report.json"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    workloads: tuple[str, ...] = DEFAULT_WORKLOADS
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    data_dir: str = DEFAULT_DATA_DIR
+    limit: int | None = DEFAULT_LIMIT  # prompts per workload; None = all
+    max_new_tokens: int = 128
+    max_context_tokens: int = 5500  # long documents are cut to this many tokens
+    dtype: str | None = None  # None: the engine's own choice (bf16 on CPUs that run it fast)
+    model: str | None = None  # None: the embedded model
+    json_path: str = DEFAULT_JSON  # report.md and the PNG plots go beside it
+    plots: bool = True
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if not self.workloads or not self.methods:
+            raise ConfigError("give at least one workload and one method")
+
+
+@dataclass
+class _Outputs:
+    request_ids: list[str] = field(default_factory=list)
+    per_method: dict[str, list[MethodOutput]] = field(default_factory=dict)
+
+
+def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = None) -> dict:
+    """Benchmark, write JSON + Markdown + plots under options.json_path, return the report."""
+    engine = _as_engine(engine, options)
+    workloads = load_workloads(options, engine)
+    methods = build_methods(options.methods, engine, options.model, engine.target.context_length)
+    if options.warmup:
+        warm_up(methods, engine)
+    runs = [run_workload(workload, methods, engine, options.max_new_tokens) for workload in workloads]
+    report = build_report(RunMetadata.collect(engine, options), runs)
+    write_report(report, Path(options.json_path), plots=options.plots)
+    return report
+
+
+def _as_engine(engine: Engine | LoadedModel | None, options: BenchOptions) -> Engine:
+    if isinstance(engine, Engine):
+        return engine
+    if isinstance(engine, LoadedModel):
+        return Engine(engine)
+    log.info("loading model %s (dtype %s)", options.model or "embedded", options.dtype or "auto")
+    return Engine(options.model, dtype=options.dtype)
+
+
+def load_workloads(options: BenchOptions, engine: Engine) -> list[Workload]:
+    """All workloads, read up front so a bad name fails before any timing starts."""
+    budget = DocumentBudget(
+        max_document_tokens=options.max_context_tokens,
+        max_prompt_tokens=engine.target.context_length - options.max_new_tokens,
+        truncate=tokenizer_truncate(engine.tokenizer),
+    )
+    names = dict.fromkeys(options.workloads)
+    return [load_workload(name, options.data_dir, options.limit, budget) for name in names]
+
+
+def warm_up(methods: Sequence[Method], engine: Engine) -> None:
+    """One short untimed generation per method (also profiles ragspec's latency curve once)."""
+    messages = list(WARMUP_MESSAGES)
+    prompt_ids = engine.encode(messages)
+    for method in methods:
+        log.info("warming up %s", method.name)
+        method.run(messages, prompt_ids, WARMUP_TOKENS)
+
+
+def run_workload(workload: Workload, methods: Sequence[Method], engine: Engine, max_new_tokens: int) -> WorkloadRun:
+    """Each prompt runs through every method in turn (interleaved, so drift hits all alike)."""
+    outputs = _Outputs(per_method={method.name: [] for method in methods})
+    total = len(workload.requests)
+    for index, request in enumerate(workload.requests, 1):
+        messages = prepare_messages(engine, request, max_new_tokens)
+        prompt_ids = engine.encode(messages)
+        if len(prompt_ids) + max_new_tokens > engine.target.context_length:
+            log.warning("%s: skipping request %s (%d prompt tokens do not fit)",
+                        workload.name, request.request_id, len(prompt_ids))
+            continue
+        outputs.request_ids.append(request.request_id)
+        for method in methods:
+            out = method.run(messages, prompt_ids, max_new_tokens)
+            outputs.per_method[method.name].append(out)
+            log.info("%s [%d/%d] %-16s %4d prompt + %3d new tokens in %6.2fs (%6.1f tok/s)",
+                     workload.name, index, total, method.name, len(prompt_ids), len(out.token_ids),
+                     out.wall_s, len(out.token_ids) / out.wall_s if out.wall_s > 0 else 0.0)
+    if not outputs.request_ids:
+        raise ConfigError(f"workload {workload.name}: no prompt fits the model's context")
+    return WorkloadRun(workload.name, max_new_tokens, outputs.request_ids, outputs.per_method)
+
+
+def prepare_messages(engine: Engine, request: Request, max_new_tokens: int) -> list[dict]:
+    """Chat messages for the measured (last) turn; earlier turns are answered by plain greedy."""
+    messages: list[dict] = []
+    for turn in request.user_turns[:-1]:
+        messages.append({"role": "user", "content": turn})
+        answer = engine.generate(messages, max_new_tokens=max_new_tokens, speculative=False)
+        messages.append({"role": "assistant", "content": answer.text})
+    messages.append({"role": "user", "content": request.user_turns[-1]})
+    return messages

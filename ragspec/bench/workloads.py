@@ -1,0 +1,180 @@
+"""Benchmark workloads: named sets of chat requests read from the shared data directory.
+
+Names:
+  spec_bench:<category>   Spec-Bench question.jsonl, first turn of each question in the category
+  mt_redundant            MT-Redundant: turn 1 is answered (untimed), turn 2 is measured
+  longdoc:<set>           L-Eval long-document QA (quality, scientific_qa, financial_qa, ...):
+                          one document (truncated by tokens) + its first question
+  jsonl:<path>            any JSONL with `turns` (first turn), `input` + `instructions`, or `prompt`
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ragspec.errors import ConfigError
+
+SPEC_BENCH_CATEGORIES = (
+    "writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities",
+    "translation", "summarization", "qa", "math_reasoning", "rag",
+)
+LONGDOC_SETS = ("quality", "scientific_qa", "financial_qa")
+DEFAULT_WORKLOADS = (
+    "spec_bench:summarization", "spec_bench:rag", "spec_bench:writing",
+    "spec_bench:translation", "mt_redundant", "longdoc:quality",
+)
+FULL_WORKLOADS = (
+    *(f"spec_bench:{c}" for c in SPEC_BENCH_CATEGORIES),
+    "mt_redundant",
+    *(f"longdoc:{s}" for s in LONGDOC_SETS),
+)
+CHARS_PER_TOKEN = 4  # fallback document truncation when no tokenizer is given
+PROMPT_OVERHEAD_TOKENS = 64  # chat template + instruction words around a long document
+
+Truncate = Callable[[str, int], str]  # (text, max_tokens) -> text of at most max_tokens tokens
+
+
+@dataclass(frozen=True)
+class Request:
+    """One benchmark prompt. Every user turn but the last is answered first, untimed."""
+
+    request_id: str
+    user_turns: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.user_turns or not all(isinstance(t, str) and t for t in self.user_turns):
+            raise ConfigError(f"request {self.request_id}: needs at least one non-empty user turn")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    requests: tuple[Request, ...]
+
+
+@dataclass(frozen=True)
+class DocumentBudget:
+    """How many tokens a long document may keep, and how to cut it to that many."""
+
+    max_document_tokens: int = 5500
+    max_prompt_tokens: int | None = None  # context length minus max_new_tokens; None: no cap
+    truncate: Truncate | None = None  # None: cut at CHARS_PER_TOKEN characters per token
+
+    def cut(self, text: str, question_tokens: int = 0) -> str:
+        limit = self.max_document_tokens
+        if self.max_prompt_tokens is not None:
+            limit = min(limit, self.max_prompt_tokens - PROMPT_OVERHEAD_TOKENS - question_tokens)
+        limit = max(1, limit)
+        if self.truncate is None:
+            return text[: limit * CHARS_PER_TOKEN]
+        return self.truncate(text, limit)
+
+
+def tokenizer_truncate(tokenizer) -> Truncate:
+    """A Truncate that cuts by the tokenizer's own tokens (keeps the document's start)."""
+
+    def truncate(text: str, max_tokens: int) -> str:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+    return truncate
+
+
+def load_workload(
+    name: str, data_dir: str | Path, limit: int | None = None, budget: DocumentBudget | None = None
+) -> Workload:
+    """Read workload `name` (see the module doc) with at most `limit` requests."""
+    data = Path(data_dir)
+    budget = budget or DocumentBudget()
+    kind, _, arg = name.partition(":")
+    if kind == "spec_bench" and arg:
+        rows = _spec_bench_rows(data / "spec_bench" / "question.jsonl", arg)
+        requests = (_turns_request(row, i, first_only=True) for i, row in rows)
+    elif kind == "mt_redundant" and not arg:
+        rows = enumerate(read_jsonl(data / "mt_redundant" / "question.jsonl"))
+        requests = (_turns_request(row, i, first_only=False) for i, row in rows)
+    elif kind == "longdoc" and arg:
+        rows = enumerate(read_jsonl(data / "longdoc" / f"{arg}.jsonl"))
+        requests = (_leval_request(row, i, budget) for i, row in rows)
+    elif kind == "jsonl" and arg:
+        requests = (_generic_request(row, i, budget) for i, row in enumerate(read_jsonl(Path(arg))))
+    else:
+        raise ConfigError(
+            f"unknown workload {name!r}: use spec_bench:<category>, mt_redundant, "
+            "longdoc:<quality|scientific_qa|financial_qa>, or jsonl:<path>"
+        )
+    selected = tuple(_take(requests, limit))
+    if not selected:
+        raise ConfigError(f"workload {name!r} has no requests")
+    return Workload(name=name, requests=selected)
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    if not path.is_file():
+        raise ConfigError(f"workload file not found: {path} (pass --data-dir)")
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}:{number}: not JSON: {exc}") from exc
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number}: expected a JSON object")
+            yield row
+
+
+def _take(requests: Iterator[Request], limit: int | None) -> Iterator[Request]:
+    for count, request in enumerate(requests):
+        if limit is not None and count >= limit:
+            return
+        yield request
+
+
+def _spec_bench_rows(path: Path, category: str) -> Iterator[tuple[int, dict]]:
+    found = False
+    for index, row in enumerate(read_jsonl(path)):
+        if row.get("category") == category:
+            found = True
+            yield index, row
+    if not found:
+        raise ConfigError(f"no Spec-Bench questions in category {category!r} in {path}")
+
+
+def _turns_request(row: dict, index: int, first_only: bool) -> Request:
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns:
+        raise ConfigError(f"row {index}: `turns` must be a non-empty list")
+    rid = str(row.get("question_id", index))
+    return Request(request_id=rid, user_turns=tuple(turns[:1] if first_only else turns[:2]))
+
+
+def _leval_request(row: dict, index: int, budget: DocumentBudget) -> Request:
+    document, instructions = row.get("input"), row.get("instructions")
+    if not isinstance(document, str) or not instructions:
+        raise ConfigError(f"row {index}: L-Eval rows need `input` and `instructions`")
+    question = instructions[0] if isinstance(instructions, list) else str(instructions)
+    extra = len(question) // 2  # generous token estimate for the question
+    return Request(request_id=str(index), user_turns=(longdoc_prompt(budget.cut(document, extra), question),))
+
+
+def longdoc_prompt(document: str, question: str) -> str:
+    return (
+        "Read the document below and answer the question after it.\n\n"
+        f"Document:\n{document}\n\nQuestion: {question}\nAnswer:"
+    )
+
+
+def _generic_request(row: dict, index: int, budget: DocumentBudget) -> Request:
+    if "turns" in row:
+        return _turns_request(row, index, first_only=True)
+    if "input" in row and "instructions" in row:
+        return _leval_request(row, index, budget)
+    prompt = row.get("prompt")
+    if isinstance(prompt, str) and prompt:
+        return Request(request_id=str(row.get("id", index)), user_turns=(prompt,))
+    raise ConfigError(f"row {index}: expected `turns`, `input` + `instructions`, or `prompt`")

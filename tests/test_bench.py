@@ -1,0 +1,180 @@
+"""Benchmark harness: workload parsing, and one end-to-end run on a tiny random-weight Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragspec.bench import BenchOptions, load_workload, run_benchmark
+from ragspec.bench.peers import MethodOutput, cut_at_eos
+from ragspec.bench.report import find_divergences
+from ragspec.bench.workloads import (
+    DEFAULT_WORKLOADS,
+    FULL_WORKLOADS,
+    DocumentBudget,
+    longdoc_prompt,
+)
+from ragspec.errors import ConfigError
+
+REAL_DATA = Path(__file__).parents[1] / ".." / "shared" / "data"
+DOCUMENT = " ".join(f"The harbour town of Velm{i % 7} keeps {i} boats and a lighthouse." for i in range(200))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    repeat = "Summarize: the cat sat on the mat. The cat sat on the mat again. The dog sat too."
+    _write_jsonl(tmp_path / "spec_bench" / "question.jsonl", [
+        {"question_id": 1, "category": "rag", "turns": [repeat, "second turn ignored"]},
+        {"question_id": 2, "category": "writing", "turns": ["Write a haiku."]},
+        {"question_id": 3, "category": "rag", "turns": ["Where is Paris? Paris is in France."]},
+    ])
+    _write_jsonl(tmp_path / "mt_redundant" / "question.jsonl", [
+        {"question_id": 81, "category": "writing", "turns": ["List three fruits.", "Rewrite it in capitals."]},
+    ])
+    _write_jsonl(tmp_path / "longdoc" / "quality.jsonl", [
+        {"input": DOCUMENT, "instructions": ["How many boats in Velm3?", "unused"], "outputs": ["3"],
+         "source": "quality", "evaluation": "exam"},
+    ])
+    return tmp_path
+
+
+def test_spec_bench_takes_first_turn_of_the_category(data_dir: Path) -> None:
+    workload = load_workload("spec_bench:rag", data_dir)
+    assert [r.request_id for r in workload.requests] == ["1", "3"]
+    assert all(len(r.user_turns) == 1 for r in workload.requests)
+    assert load_workload("spec_bench:rag", data_dir, limit=1).requests[0].user_turns[0].startswith("Summarize")
+
+
+def test_mt_redundant_keeps_both_turns(data_dir: Path) -> None:
+    (request,) = load_workload("mt_redundant", data_dir).requests
+    assert request.user_turns == ("List three fruits.", "Rewrite it in capitals.")
+
+
+def test_longdoc_truncates_the_document_and_asks_the_first_question(data_dir: Path) -> None:
+    budget = DocumentBudget(max_document_tokens=50, truncate=lambda text, n: " ".join(text.split()[:n]))
+    (request,) = load_workload("longdoc:quality", data_dir, budget=budget).requests
+    prompt = request.user_turns[0]
+    assert prompt.endswith("Question: How many boats in Velm3?\nAnswer:")
+    assert prompt == longdoc_prompt(" ".join(DOCUMENT.split()[:50]), "How many boats in Velm3?")
+
+
+def test_longdoc_budget_leaves_room_for_new_tokens() -> None:
+    budget = DocumentBudget(max_document_tokens=5500, max_prompt_tokens=400, truncate=lambda t, n: t[:n])
+    assert len(budget.cut("x" * 10_000, question_tokens=10)) == 400 - 64 - 10
+
+
+def test_jsonl_accepts_each_schema(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "mixed.jsonl", [
+        {"turns": ["first", "second"]},
+        {"input": "doc text", "instructions": ["q?"]},
+        {"prompt": "plain prompt", "id": "p1"},
+    ])
+    turns = [r.user_turns for r in load_workload(f"jsonl:{path}", tmp_path).requests]
+    assert turns[0] == ("first",)
+    assert "doc text" in turns[1][0] and "q?" in turns[1][0]
+    assert turns[2] == ("plain prompt",)
+
+
+@pytest.mark.parametrize("rows, name", [
+    ([{"other": 1}], "jsonl"), ([], "jsonl"), (None, "nope:x"), (None, "spec_bench:missing"),
+])
+def test_bad_workloads_fail_clearly(tmp_path: Path, data_dir: Path, rows, name: str) -> None:
+    if rows is not None:
+        name = f"jsonl:{_write_jsonl(tmp_path / 'bad.jsonl', rows)}"
+    with pytest.raises(ConfigError):
+        load_workload(name, data_dir)
+
+
+def test_missing_file_names_the_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--data-dir"):
+        load_workload("mt_redundant", tmp_path / "absent")
+
+
+@pytest.mark.skipif(not (REAL_DATA / "spec_bench").is_dir(), reason="shared data not present")
+def test_real_data_parses_for_every_named_workload() -> None:
+    for name in dict.fromkeys(FULL_WORKLOADS + DEFAULT_WORKLOADS):
+        workload = load_workload(name, REAL_DATA, limit=2, budget=DocumentBudget(max_document_tokens=100))
+        assert len(workload.requests) == 2, name
+        assert all(turn.strip() for r in workload.requests for turn in r.user_turns)
+    assert len(load_workload("spec_bench:summarization", REAL_DATA).requests) == 80
+    assert all(len(r.user_turns) == 2 for r in load_workload("mt_redundant", REAL_DATA).requests)
+
+
+def test_cut_at_eos_and_divergences() -> None:
+    assert cut_at_eos([5, 6, 2, 7], {2}) == [5, 6]
+    assert cut_at_eos([5, 6], {2}) == [5, 6]
+    ref = [MethodOutput([1, 2, 3], 1.0, None), MethodOutput([4, 5], 1.0, None)]
+    out = [MethodOutput([1, 2, 3], 1.0, None), MethodOutput([4, 9, 9], 1.0, None)]
+    (divergence,) = find_divergences(out, ref, ["a", "b"])
+    assert divergence["prompt_index"] == 1 and divergence["request_id"] == "b" and divergence["position"] == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    torch = pytest.importorskip("torch")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from ragspec import Engine, LoadedModel
+    from ragspec.drafting.budget import LatencyCurve
+    from ragspec.errors import RagspecError
+    from ragspec.models import _dequantised_dir, embedded_model_path
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(_dequantised_dir(embedded_model_path()))
+    except RagspecError as exc:
+        pytest.skip(f"embedded model tokenizer unavailable: {exc}")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="tiny")
+    return Engine(loaded, latency_curve=LatencyCurve(rows=(1, 64), seconds=(0.01, 0.012)))
+
+
+def test_end_to_end_report_on_a_tiny_model(tiny_engine, data_dir: Path, tmp_path: Path) -> None:
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "one two three one two three one two"}])
+    options = BenchOptions(
+        workloads=("spec_bench:rag", "mt_redundant", "longdoc:quality", f"jsonl:{prompts}"),
+        methods=("ragspec", "hf-greedy", "hf-pld"),
+        data_dir=str(data_dir), limit=2, max_new_tokens=12, max_context_tokens=300,
+        json_path=str(tmp_path / "out" / "report.json"),
+    )
+    returned = run_benchmark(options, engine=tiny_engine)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report == json.loads(json.dumps(returned))
+    for key in ("model", "device", "dtype", "torch_version", "transformers_version", "cpu", "created"):
+        assert report[key], key
+    assert report["dtype"] == "float32"
+    assert [w["name"] for w in report["workloads"]] == list(options.workloads)
+    assert [w["num_prompts"] for w in report["workloads"]] == [2, 1, 1, 1]
+    for workload in report["workloads"]:
+        methods = workload["methods"]
+        assert list(methods) == ["ragspec-ar", "ragspec", "hf-greedy", "hf-pld"]
+        for name, m in methods.items():
+            for key in ("tokens_per_s", "wall_s", "mean_acceptance_length", "identical_outputs",
+                        "decode_tokens_per_s", "time_to_first_token_s", "speedup_vs_ragspec_ar",
+                        "num_generated_tokens"):
+                assert key in m, (name, key)
+            assert m["tokens_per_s"] > 0 and m["wall_s"] > 0
+            assert m["identical_outputs"] is True, (workload["name"], name)
+        spec = methods["ragspec"]
+        assert spec["mean_acceptance_length"] >= 1.0
+        assert isinstance(spec["accepted_per_source"], dict)
+        assert sum(spec["acceptance_histogram"]) == spec["num_steps"] > 0
+        assert methods["ragspec-ar"]["speedup_vs_ragspec_ar"] == pytest.approx(1.0)
+        assert methods["hf-pld"]["mean_acceptance_length"] is None
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## spec_bench:rag" in markdown and "| ragspec |" in markdown and "## Summary" in markdown
+    for png in ("speedup.png", "acceptance_hist.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
