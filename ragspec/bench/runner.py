@@ -72,8 +72,12 @@ def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = N
     methods = build_methods(options.methods, engine, options.model, engine.target.context_length)
     if options.warmup:
         warm_up(methods, engine)
-    runs = [run_workload(workload, methods, engine, options.max_new_tokens) for workload in workloads]
-    report = build_report(RunMetadata.collect(engine, options), runs)
+    meta, runs = RunMetadata.collect(engine, options), []
+    for workload in workloads:
+        runs.append(run_workload(workload, methods, engine, options.max_new_tokens))
+        if len(runs) < len(workloads):  # partial report, so an interrupted run keeps its numbers
+            write_report(build_report(meta, runs), Path(options.json_path), plots=False)
+    report = build_report(meta, runs)
     write_report(report, Path(options.json_path), plots=options.plots)
     return report
 
