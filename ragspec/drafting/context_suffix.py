@@ -49,15 +49,21 @@ class ContextSuffixDrafter:
 
     name = "context"
 
-    def __init__(self, config: SpecConfig | None = None):
+    def __init__(self, config: SpecConfig | None = None, estimate: AcceptanceEstimate | None = None):
+        """`estimate` may be shared across requests so what one request learns carries over."""
         self.config = config or SpecConfig()
         self._followers: dict[int, dict[int, list[int]]] = {n: {} for n in NGRAM_SIZES}
         self._indexed_until = 1  # positions p < this have their preceding n-grams indexed
-        self._estimate = AcceptanceEstimate(
-            {(m, d): min(0.9, p + 0.1 * (d > 0)) for m, p in _PRIOR_BY_MATCH.items() for d in range(4)}
-        )
+        self._estimate = estimate or self.new_estimate()
         self._last_tree: DraftTree | None = None
         self._last_buckets: list[tuple[int, int]] = []
+
+    @staticmethod
+    def new_estimate() -> AcceptanceEstimate:
+        """P(correct | parent correct) per (match bucket, depth bucket), from the prior."""
+        return AcceptanceEstimate(
+            {(m, d): min(0.9, p + 0.1 * (d > 0)) for m, p in _PRIOR_BY_MATCH.items() for d in range(4)}
+        )
 
     # -- index -----------------------------------------------------------------------------
     def _catch_up(self, tokens: np.ndarray) -> None:
@@ -82,23 +88,23 @@ class ContextSuffixDrafter:
                     followers.append(position)
         self._indexed_until = stop
 
-    def _longest_matches(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Positions following the latest occurrences of the longest matching suffix, and the
-        true length of each match (checked token by token, so hash collisions drop out)."""
-        length = len(tokens)
+    def _matches(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions following earlier occurrences of the current suffix, longest matches first
+        (latest first within a length), and the true length of each match (checked token by
+        token, so hash collisions drop out). At most max_occurrences."""
+        length, limit = len(tokens), self.config.max_occurrences
+        starts: list[int] = []
         for n in sorted(NGRAM_SIZES, reverse=True):
-            if length < n:
+            if length < n or len(starts) >= limit:
                 continue
             key = int(ngram_hashes(tokens, np.array([length]), n)[0])
-            followers = self._followers[n].get(key)
-            if not followers:
-                continue
-            starts = np.asarray(followers[-self.config.max_occurrences :], dtype=np.int64)
-            lengths = self._match_lengths(tokens, starts)
-            found = lengths >= n
-            if found.any():
-                return starts[found], lengths[found]
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+            followers = self._followers[n].get(key, ())
+            seen = set(starts)
+            starts.extend(p for p in reversed(followers[-limit:]) if p not in seen)
+        found = np.asarray(starts[:limit], dtype=np.int64)
+        lengths = self._match_lengths(tokens, found)
+        keep = lengths > 0
+        return found[keep], lengths[keep]
 
     def _match_lengths(self, tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """How many tokens before each start equal the tokens before the end. [len(starts)]"""
@@ -113,7 +119,7 @@ class ContextSuffixDrafter:
     def propose(self, context: DraftContext) -> DraftTree:
         tokens = context.tokens
         self._catch_up(tokens)
-        starts, lengths = self._longest_matches(tokens)
+        starts, lengths = self._matches(tokens)
         self._last_tree, self._last_buckets = None, []
         if not len(starts) or context.max_nodes <= 0:
             return DraftTree.empty()
@@ -122,25 +128,26 @@ class ContextSuffixDrafter:
         return tree
 
     def _continuation_tree(self, tokens, starts, lengths) -> tuple[DraftTree, list[tuple[int, int]]]:
-        """Count continuations in a trie, then score each node:
-        P(node) = P(parent) * share of the parent's occurrences that go on to this token
+        """Weigh continuations in a trie (match length squared per occurrence), then score:
+        P(node) = P(parent) * share of the parent's weight that goes on to this token
                   * learned P(correct | parent correct) for its match length and depth."""
         counts = TrieBuilder()  # scores hold occurrence counts while counting
         best_match: list[int] = []
         for start, match in zip(starts.tolist(), lengths.tolist()):
             depth = min(self.config.max_depth, 1 + 2 * match)
-            node = -1
+            node, weight = -1, float(match * match)  # a longer match is stronger evidence
             for token in tokens[start : start + depth].tolist():
                 node = counts.add(node, token, 0.0, self.name)
-                counts.scores[node] += 1.0  # add() with score 0 leaves the count as it was
+                counts.scores[node] += weight  # add() with score 0 leaves the weight as it was
                 if node == len(best_match):
                     best_match.append(match)
                 else:
                     best_match[node] = max(best_match[node], match)
+        root_weight = float(np.sum(lengths.astype(np.float64) ** 2))
         scores, buckets, depths = [], [], []
         for node, parent in enumerate(counts.parents):
             depth = 1 if parent < 0 else depths[parent] + 1
-            parent_count = len(starts) if parent < 0 else counts.scores[parent]
+            parent_count = root_weight if parent < 0 else counts.scores[parent]
             bucket = (match_bucket(best_match[node]), depth_bucket(depth))
             parent_score = 1.0 if parent < 0 else scores[parent]
             scores.append(parent_score * counts.scores[node] / parent_count * self._estimate.rate(bucket))

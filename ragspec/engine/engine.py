@@ -17,7 +17,7 @@ from ragspec.models import LoadedModel, load_model
 from ragspec.types import SpecStats
 
 Prompt = str | Sequence[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
-DrafterFactory = Callable[["Engine"], Drafter]  # called once per request
+DrafterFactory = Callable[["Engine"], list[Drafter]]  # called once per request
 
 
 @dataclass
@@ -40,8 +40,14 @@ class TextStream:
         return self._pieces
 
 
-def _default_drafters(engine: "Engine") -> list[Drafter]:
-    return [ContextSuffixDrafter(engine.spec)]
+class ContextDrafterFactory:
+    """A fresh context suffix drafter per request, sharing one learned acceptance estimate."""
+
+    def __init__(self) -> None:
+        self.estimate = ContextSuffixDrafter.new_estimate()
+
+    def __call__(self, engine: "Engine") -> list[Drafter]:
+        return [ContextSuffixDrafter(engine.spec, self.estimate)]
 
 
 class Engine:
@@ -64,7 +70,7 @@ class Engine:
     ):
         self.target = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.spec = spec or SpecConfig()
-        self.drafter_factories = list(drafter_factories or [_default_drafters])
+        self.drafter_factories = list(drafter_factories or [ContextDrafterFactory()])
         self._latency_curve = latency_curve
         self._budget: NodeBudget | None = None
 

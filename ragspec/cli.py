@@ -1,0 +1,148 @@
+"""Command line: a thin click layer over the library. Library errors become `Error: ...`."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+
+import click
+
+from ragspec.errors import RagspecError
+
+
+def _library_errors(command):
+    """Turn RagspecError into a one-line message and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except RagspecError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+def _model_options(command):
+    options = [
+        click.option("--model", "model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
+        click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _generation_options(command):
+    options = [
+        click.option("--max-new-tokens", default=256, show_default=True, type=int),
+        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
+        click.option("--top-k", default=0, type=int, help="0 = off."),
+        click.option("--top-p", default=1.0, type=float),
+        click.option("--seed", default=None, type=int),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--no-spec", is_flag=True, help="Plain decoding, no speculation."),
+        click.option("--stats", is_flag=True, help="Print acceptance and speed stats to stderr."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _engine(model, dtype, device):
+    from transformers.utils import logging as hf_logging
+
+    from ragspec import Engine
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    return Engine(model, dtype=None if dtype == "auto" else dtype, device=device)
+
+
+def _print_stats(stats) -> None:
+    lines = [
+        f"tokens: {stats.num_generated_tokens} in {stats.total_s:.2f} s = {stats.tokens_per_s:.1f} tok/s "
+        f"(decode {stats.decode_tokens_per_s:.1f} tok/s, first token {stats.time_to_first_token_s * 1000:.0f} ms)",
+        f"mean acceptance length: {stats.mean_acceptance_length:.2f} over {stats.num_steps} steps; "
+        f"draft acceptance rate {stats.draft_acceptance_rate:.2f} ({stats.num_accepted_tokens}/{stats.num_draft_tokens})",
+    ]
+    for source, drafted in sorted(stats.drafted_per_source.items()):
+        accepted = stats.accepted_per_source.get(source, 0)
+        lines.append(f"  source {source}: accepted {accepted} of {drafted} drafted")
+    click.echo("\n".join(lines), err=True)
+
+
+def _stream(engine, prompt, options) -> str:
+    show_stats = options.pop("stats")
+    speculative = not options.pop("no_spec")
+    stream = engine.stream(prompt, speculative=speculative, **options)
+    for piece in stream:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if show_stats:
+        _print_stats(stream.result.stats)
+    return stream.result.text
+
+
+@click.group()
+@click.version_option(package_name="ragspec")
+@click.option("-v", "--verbose", is_flag=True, help="Log what the library does.")
+def main(verbose: bool) -> None:
+    """ragspec: lossless speculative decoding for RAG and long documents."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
+@_model_options
+@_generation_options
+@_library_errors
+def generate(prompt, raw, model, dtype, device, **options):
+    """Generate a reply to PROMPT.
+
+    Example: ragspec generate "Summarize: ..." --max-new-tokens 128 --stats
+    """
+    engine = _engine(model, dtype, device)
+    _stream(engine, prompt if raw else [{"role": "user", "content": prompt}], options)
+
+
+@main.command()
+@click.option("--system", default=None, help="System message.")
+@_model_options
+@_generation_options
+@_library_errors
+def chat(system, model, dtype, device, **options):
+    """Chat in the terminal; the history is kept and drafted from. Empty line or Ctrl-D ends.
+
+    Example: ragspec chat --stats
+    """
+    engine = _engine(model, dtype, device)
+    history = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        reply = _stream(engine, history, dict(options))
+        history.append({"role": "assistant", "content": reply})
+
+
+def _attach_optional_commands() -> None:
+    try:
+        from ragspec.bench.cli import bench_command
+    except ImportError:  # the bench package is optional at import time
+        return
+    main.add_command(bench_command, name="bench")
+
+
+_attach_optional_commands()
+
+if __name__ == "__main__":
+    main()
