@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny random-weight causal LMs built in-process, and the real embedded model.
+
+The tiny models use the embedded model's tokenizer (vocab 49152) so prompts, chat templates and
+text decoding are real; their weights are random, which makes greedy output repetitive enough
+that context drafts do get accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import settings
+
+from ragspec import Engine, LoadedModel
+from ragspec.drafting.budget import LatencyCurve
+from ragspec.models import _dequantised_dir, embedded_model_path
+
+# Nearly flat: verifying 64 nodes costs about what 1 costs, so the budget speculates a lot.
+FLAT_CURVE = LatencyCurve(rows=(1, 64), seconds=(0.010, 0.0101))
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TINY_ARCHITECTURES = ("llama", "qwen2")
+
+# The CPUs are shared: no per-example deadline, or a busy neighbour makes hypothesis flaky.
+settings.register_profile("ragspec", deadline=None)
+settings.load_profile("ragspec")
+
+# Two cores shared with other work: one thread is fastest for the tiny models (thread hand-off
+# costs more than their matmuls) and, on an oversubscribed machine, ~10x faster for the real one.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_dequantised_dir(embedded_model_path()))
+
+
+def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, max_positions: int = 2048):
+    """A 2-layer random causal LM in float32 with SDPA attention, in eval mode."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def tiny_loaded(arch: str, tokenizer, **kwargs) -> LoadedModel:
+    model = build_tiny_model(arch, len(tokenizer), **kwargs)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}")
+
+
+@pytest.fixture(scope="session", params=TINY_ARCHITECTURES)
+def tiny_model(request, tokenizer) -> LoadedModel:
+    return tiny_loaded(request.param, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tokenizer) -> LoadedModel:
+    return tiny_loaded("llama", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model) -> Engine:
+    return Engine(tiny_model, latency_curve=FLAT_CURVE)
+
+
+@pytest.fixture(scope="session")
+def real_engine() -> Engine:
+    return Engine(dtype="float32")
+
+
+def spec_bench_questions() -> list[dict]:
+    path = DATA_DIR / "spec_bench" / "question.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

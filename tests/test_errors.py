@@ -1,0 +1,186 @@
+"""Bad input gets a clear RagspecError; the node budget turns speculation off when it does not pay."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import FLAT_CURVE, tiny_loaded
+from test_tree import draft_trees
+from ragspec import Engine, RagspecError, SamplingConfig, SpecConfig, load_model
+from ragspec.drafting.budget import LatencyCurve, NodeBudget
+from ragspec.errors import ConfigError, ModelNotFound, PromptTooLong
+from ragspec.types import ROOT, DraftTree
+
+
+@pytest.fixture(scope="module")
+def short_context_engine(tokenizer) -> Engine:
+    return Engine(tiny_loaded("llama", tokenizer, max_positions=64), latency_curve=FLAT_CURVE)
+
+
+def test_prompt_longer_than_the_context(short_context_engine):
+    prompt = " ".join(["word"] * 100)
+    with pytest.raises(PromptTooLong, match="64") as info:
+        short_context_engine.generate(prompt, max_new_tokens=4)
+    assert isinstance(info.value, RagspecError)
+    with pytest.raises(PromptTooLong):
+        short_context_engine.stream(prompt)  # raised when the request is made, not mid-stream
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_generation_stops_at_the_context_window(short_context_engine, speculative):
+    prompt = " ".join(["a", "b"] * 28)
+    length = len(short_context_engine.encode(prompt))
+    assert 50 < length < 64
+    out = short_context_engine.generate(prompt, max_new_tokens=48, speculative=speculative)
+    assert out.finish_reason == "length"
+    assert len(out.token_ids) <= 64 - length
+    plain = short_context_engine.generate(prompt, max_new_tokens=48, speculative=False)
+    assert out.token_ids == plain.token_ids
+
+
+def test_unknown_model_path():
+    with pytest.raises(ModelNotFound, match="nonexistent"):
+        load_model("/nonexistent")
+    with pytest.raises(ModelNotFound):
+        Engine("/nonexistent/model")
+
+
+def test_directory_without_config_json(tmp_path):
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotFound, match="config.json"):
+        load_model(tmp_path)
+    not_gguf = tmp_path / "model.bin"
+    not_gguf.write_bytes(b"\0" * 16)
+    with pytest.raises(ModelNotFound):
+        load_model(not_gguf)
+
+
+def test_request_options_are_checked(tiny_llama):
+    engine = Engine(tiny_llama, latency_curve=FLAT_CURVE)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        engine.stream("hello", max_new_tokens=0)
+    with pytest.raises(ConfigError):
+        engine.generate("hello", max_new_tokens=-3)
+    with pytest.raises(ConfigError):
+        engine.generate("hello", temperature=-1.0)
+    with pytest.raises(ConfigError):
+        engine.generate("hello", top_p=0.0)
+    with pytest.raises(ConfigError, match="empty"):
+        engine.generate("", max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-0.1),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_p=-0.5),
+        dict(temperature=math.nan),
+        dict(top_p=math.nan),
+    ],
+)
+def test_invalid_sampling_config(kwargs):
+    with pytest.raises(ConfigError):
+        SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_nodes=-1),
+        dict(min_nodes=-1),
+        dict(min_nodes=5, max_nodes=4),
+        dict(max_depth=0),
+        dict(max_occurrences=0),
+        dict(max_match=0),
+    ],
+)
+def test_invalid_spec_config(kwargs):
+    with pytest.raises(ConfigError):
+        SpecConfig(**kwargs)
+
+
+def test_valid_configs_build():
+    assert SamplingConfig().greedy
+    assert not SamplingConfig(temperature=0.5, top_k=10, top_p=0.9, seed=3).greedy
+    SpecConfig(max_nodes=0, min_nodes=0)
+    SpecConfig(max_nodes=8, min_nodes=8, max_depth=1, max_occurrences=1, max_match=1)
+
+
+# -- node budget ----------------------------------------------------------------------------
+
+STEEP = LatencyCurve(rows=(1, 2, 64), seconds=(0.010, 0.025, 0.700))
+
+
+def chain(scores: list[float]) -> DraftTree:
+    n = len(scores)
+    return DraftTree(
+        token_ids=np.arange(n, dtype=np.int64),
+        parents=np.arange(n, dtype=np.int64) - 1,
+        scores=np.asarray(scores, dtype=np.float64),
+        sources=("t",) * n,
+    )
+
+
+def test_budget_turns_speculation_off_when_it_does_not_pay():
+    low = chain([0.3 * 0.8**d for d in range(20)])
+    assert NodeBudget(STEEP, max_nodes=64).choose(low) == 0
+    high = chain([0.99**d for d in range(20)])
+    assert NodeBudget(STEEP, max_nodes=64).choose(high) == 0  # one node costs 2.5x a plain step
+    assert NodeBudget(FLAT_CURVE, max_nodes=64).choose(high) == 20
+    assert NodeBudget(FLAT_CURVE, max_nodes=8).choose(high) == 8
+    assert NodeBudget(FLAT_CURVE, max_nodes=64).choose(high, limit=3) == 3
+    assert NodeBudget(FLAT_CURVE, max_nodes=64).choose(DraftTree.empty()) == 0
+    assert NodeBudget(STEEP, max_nodes=64, min_nodes=4).choose(low) == 4
+
+
+@given(
+    draft_trees(max_nodes=40),
+    st.lists(st.floats(0.001, 0.1), min_size=2, max_size=6),
+    st.integers(0, 64),
+    st.integers(1, 64),
+)
+@settings(max_examples=100)
+def test_budget_maximises_expected_tokens_per_second(tree, increments, max_nodes, limit):
+    """Brute force over n: (1 + sum of the n best scores) / latency(1 + n)."""
+    rows = tuple(int(r) for r in np.cumsum([1] + [7] * (len(increments) - 1)))
+    curve = LatencyCurve(rows=rows, seconds=tuple(np.cumsum(increments).tolist()))
+    budget = NodeBudget(curve, max_nodes=max_nodes)
+    chosen = budget.choose(tree, limit=limit)
+    cap = min(tree.num_nodes, max_nodes, limit)
+    assert 0 <= chosen <= cap
+    best = sorted(tree.scores.tolist(), reverse=True)
+
+    def throughput(n: int) -> float:
+        return (1.0 + sum(best[:n])) / float(np.interp(1 + n, rows, curve.seconds))
+
+    assert throughput(chosen) >= max(throughput(n) for n in range(cap + 1)) * (1 - 1e-9)
+
+
+def test_engine_with_a_steep_curve_verifies_no_drafts(tiny_llama):
+    engine = Engine(tiny_llama, latency_curve=STEEP)
+    out = engine.generate("a b c a b c a b c a b c", max_new_tokens=16, speculative=True)
+    assert out.stats.num_draft_tokens == 0
+    assert out.stats.num_steps == len(out.token_ids)
+    assert out.stats.mean_acceptance_length == 1.0
+
+
+def test_errors_are_ragspec_errors():
+    from ragspec import errors
+
+    for name in ("ModelNotFound", "UnsupportedModel", "PromptTooLong", "ConfigError"):
+        assert issubclass(getattr(errors, name), RagspecError)
+
+
+def test_tree_contract_is_enforced():
+    with pytest.raises(ValueError):
+        DraftTree(np.array([1, 2]), np.array([1, ROOT]), np.ones(2), ("a", "a"))  # child before parent
+    with pytest.raises(ValueError):
+        DraftTree(np.array([1, 2]), np.array([ROOT]), np.ones(2), ("a", "a"))

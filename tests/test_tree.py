@@ -1,0 +1,266 @@
+"""Tree operations and tree attention against brute-force oracles (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ragspec.drafting.tree import TrieBuilder, best_first_order, fuse, node_paths, prune
+from ragspec.types import ROOT, DraftTree
+from ragspec.verify.tree_attention import (
+    ancestor_matrix,
+    node_depths,
+    tree_attention_mask,
+    tree_position_ids,
+)
+
+SOURCES = ("a", "b", "c")
+
+
+@st.composite
+def draft_trees(draw, max_nodes: int = 24, alphabet: int = 4, distinct_siblings: bool = False) -> DraftTree:
+    """Random valid DraftTree: parents before children, scores non-increasing along paths.
+
+    A small alphabet makes shared prefixes (and, unless `distinct_siblings`, duplicate
+    siblings) common.
+    """
+    n = draw(st.integers(0, max_nodes))
+    token_ids, parents, scores, sources = [], [], [], []
+    seen: set[tuple[int, int]] = set()
+    for _ in range(n):
+        parent = draw(st.integers(ROOT, len(token_ids) - 1))
+        token = draw(st.integers(0, alphabet - 1))
+        if distinct_siblings and (parent, token) in seen:
+            continue
+        seen.add((parent, token))
+        cap = 1.0 if parent == ROOT else scores[parent]
+        token_ids.append(token)
+        parents.append(parent)
+        scores.append(cap * draw(st.floats(0.0, 1.0)))
+        sources.append(draw(st.sampled_from(SOURCES)))
+    return DraftTree(
+        token_ids=np.asarray(token_ids, dtype=np.int64),
+        parents=np.asarray(parents, dtype=np.int64),
+        scores=np.asarray(scores, dtype=np.float64),
+        sources=tuple(sources),
+    )
+
+
+def brute_paths(tree: DraftTree) -> list[tuple[int, ...]]:
+    """Walk from each node up to the root."""
+    paths = []
+    for node in range(tree.num_nodes):
+        path = []
+        while node != ROOT:
+            path.append(int(tree.token_ids[node]))
+            node = int(tree.parents[node])
+        paths.append(tuple(reversed(path)))
+    return paths
+
+
+def brute_ancestors(parents: np.ndarray, node: int) -> set[int]:
+    found = set()
+    while node != ROOT:
+        found.add(node)
+        node = int(parents[node])
+    return found
+
+
+def assert_valid_tree(tree: DraftTree) -> None:
+    n = tree.num_nodes
+    assert tree.token_ids.dtype == np.int64 and tree.parents.dtype == np.int64
+    assert len(tree.parents) == len(tree.scores) == len(tree.sources) == n
+    for i, parent in enumerate(tree.parents.tolist()):
+        assert parent == ROOT or 0 <= parent < i, "parents must come before their children"
+
+
+def assert_monotone(tree: DraftTree) -> None:
+    for i, parent in enumerate(tree.parents.tolist()):
+        if parent != ROOT:
+            assert tree.scores[i] <= tree.scores[parent] + 1e-12
+
+
+def assert_is_trie(tree: DraftTree) -> None:
+    pairs = list(zip(tree.parents.tolist(), tree.token_ids.tolist()))
+    assert len(pairs) == len(set(pairs)), "duplicate (parent, token) pairs"
+
+
+# -- TrieBuilder ---------------------------------------------------------------------------
+
+
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=6), max_size=10))
+def test_trie_builder_holds_exactly_the_prefixes_of_inserted_paths(paths):
+    trie = TrieBuilder()
+    for path in paths:
+        trie.insert(path, [0.5] * len(path), "a")
+    tree = trie.build()
+    assert_valid_tree(tree)
+    assert_is_trie(tree)
+    expected = {tuple(p[:k]) for p in paths for k in range(1, len(p) + 1)}
+    assert node_paths(tree) == brute_paths(tree)
+    assert set(node_paths(tree)) == expected
+    assert len(tree.token_ids) == len(expected)
+
+
+def test_trie_builder_combines_scores_by_noisy_or():
+    trie = TrieBuilder()
+    trie.insert([7, 8], [0.5, 0.4], "a")
+    trie.insert([7, 9], [0.5, 0.2], "b")
+    tree = trie.build()
+    assert tree.token_ids.tolist() == [7, 8, 9]
+    assert tree.parents.tolist() == [ROOT, 0, 0]
+    np.testing.assert_allclose(tree.scores, [0.75, 0.4, 0.2])
+    assert tree.sources == ("a", "a", "b")  # first proposer wins
+
+
+# -- fuse ----------------------------------------------------------------------------------
+
+
+@given(st.lists(draft_trees(), min_size=2, max_size=4))
+def test_fuse_is_the_union_trie_of_the_inputs(trees):
+    fused = fuse(trees)
+    assert_valid_tree(fused)
+    assert_is_trie(fused)
+    assert_monotone(fused)
+    union = {path for tree in trees for path in brute_paths(tree)}
+    assert set(brute_paths(fused)) == union
+    assert fused.num_nodes == len(union)
+    # each fused node's source is one that proposed that path
+    proposers: dict[tuple[int, ...], set[str]] = {}
+    for tree in trees:
+        for path, source in zip(brute_paths(tree), tree.sources):
+            proposers.setdefault(path, set()).add(source)
+    for path, source in zip(brute_paths(fused), fused.sources):
+        assert source in proposers[path]
+    # a merged node's score: the noisy-or of every proposal of its path, capped at its parent's
+    expected: dict[tuple[int, ...], float] = {}
+    for path in sorted(union, key=len):
+        proposals = [float(t.scores[i]) for t in trees for i, p in enumerate(brute_paths(t)) if p == path]
+        noisy_or = 1.0 - float(np.prod([1.0 - s for s in proposals]))
+        expected[path] = min(noisy_or, expected[path[:-1]]) if len(path) > 1 else noisy_or
+    for path, score in zip(brute_paths(fused), fused.scores):
+        assert score == pytest.approx(expected[path], abs=1e-12)
+
+
+@given(draft_trees(distinct_siblings=True))
+def test_fuse_of_one_trie_keeps_its_paths(tree):
+    fused = fuse([tree])
+    assert set(brute_paths(fused)) == set(brute_paths(tree))
+    assert_is_trie(fused)
+
+
+@given(st.lists(draft_trees(), min_size=1, max_size=3), st.floats(0.0, 1.0))
+def test_fuse_weights_scale_scores_and_keep_them_monotone(trees, weight):
+    fused = fuse(trees, weights={"a": weight})
+    assert_valid_tree(fused)
+    assert_monotone(fused)
+    assert set(brute_paths(fused)) == {p for t in trees for p in brute_paths(t)}
+    if weight == 0.0:
+        for path, source, score in zip(brute_paths(fused), fused.sources, fused.scores):
+            if all(s == "a" for t in trees for s, p in zip(t.sources, brute_paths(t)) if p == path):
+                assert score == 0.0
+
+
+def test_fuse_single_tree_with_duplicate_siblings_is_deduplicated():
+    """fuse() promises one trie, so a duplicate sibling is verified once. Its single-tree fast
+    path returns a drafter's tree unchanged, duplicates included (wasting verify rows)."""
+    tree = DraftTree(
+        token_ids=np.array([5, 5, 6], dtype=np.int64),
+        parents=np.array([ROOT, ROOT, 1], dtype=np.int64),
+        scores=np.array([0.5, 0.4, 0.3]),
+        sources=("a", "a", "a"),
+    )
+    fused = fuse([tree])
+    assert_is_trie(fused)
+    assert set(brute_paths(fused)) == {(5,), (5, 6)}
+
+
+# -- prune ---------------------------------------------------------------------------------
+
+
+@given(draft_trees(max_nodes=30), st.integers(0, 35))
+def test_prune_keeps_the_n_best_as_a_connected_subtree(tree, budget):
+    pruned = prune(tree, budget)
+    assert_valid_tree(pruned)
+    assert pruned.num_nodes == min(budget, tree.num_nodes)
+    # the n best scores survive
+    expected_scores = np.sort(tree.scores)[::-1][: pruned.num_nodes]
+    np.testing.assert_array_equal(np.sort(pruned.scores)[::-1], expected_scores)
+    # re-indexing is right: every pruned node's path (token + scores + source) exists in the original
+    original = {}
+    for i, path in enumerate(brute_paths(tree)):
+        original.setdefault(path, []).append((float(tree.scores[i]), tree.sources[i]))
+    for i, path in enumerate(brute_paths(pruned)):
+        assert path in original
+        assert (float(pruned.scores[i]), pruned.sources[i]) in original[path]
+    # kept nodes keep their relative order, so parents still precede children
+    assert_monotone(pruned)
+
+
+@given(draft_trees(max_nodes=30))
+def test_best_first_order_puts_parents_first(tree):
+    order = best_first_order(tree).tolist()
+    assert sorted(order) == list(range(tree.num_nodes))
+    position = {node: k for k, node in enumerate(order)}
+    for node, parent in enumerate(tree.parents.tolist()):
+        if parent != ROOT:
+            assert position[parent] < position[node]
+    assert np.all(np.diff(tree.scores[order]) <= 0)
+
+
+def test_prune_reindexes_parents():
+    tree = DraftTree(
+        token_ids=np.array([10, 11, 12, 13, 14], dtype=np.int64),
+        parents=np.array([ROOT, ROOT, 0, 1, 3], dtype=np.int64),
+        scores=np.array([0.2, 0.9, 0.1, 0.8, 0.7]),
+        sources=("a",) * 5,
+    )
+    pruned = prune(tree, 3)
+    assert pruned.token_ids.tolist() == [11, 13, 14]
+    assert pruned.parents.tolist() == [ROOT, 0, 1]
+
+
+# -- tree attention ------------------------------------------------------------------------
+
+
+@given(draft_trees(max_nodes=30))
+@settings(max_examples=60)
+def test_ancestor_matrix_and_depths_match_brute_force(tree):
+    parents = tree.parents
+    n = len(parents)
+    visible = ancestor_matrix(parents)
+    assert visible.shape == (n + 1, n + 1) and visible.dtype == bool
+    expected = np.zeros((n + 1, n + 1), dtype=bool)
+    expected[:, 0] = True
+    for i in range(n):
+        for j in brute_ancestors(parents, i):
+            expected[i + 1, j + 1] = True
+    np.testing.assert_array_equal(visible, expected)
+    depths = node_depths(parents)
+    np.testing.assert_array_equal(depths, [len(brute_ancestors(parents, i)) for i in range(n)])
+    positions = tree_position_ids(parents, 17, torch.device("cpu"))
+    assert positions.shape == (1, n + 1) and positions.dtype == torch.int64
+    assert positions[0].tolist() == [17] + [17 + int(d) for d in depths]
+
+
+@given(draft_trees(max_nodes=12), st.integers(0, 9))
+@settings(max_examples=40)
+def test_tree_attention_mask_layout(tree, past):
+    n = tree.num_nodes
+    mask = tree_attention_mask(tree.parents, past, torch.float32, torch.device("cpu"))
+    assert mask.shape == (1, 1, n + 1, past + n + 1) and mask.dtype == torch.float32
+    visible = ancestor_matrix(tree.parents)
+    m = mask[0, 0]
+    assert torch.all(m[:, :past] == 0), "every row sees the whole committed cache"
+    tail = m[:, past:]
+    assert torch.all(tail[torch.as_tensor(visible)] == 0)
+    assert torch.all(tail[~torch.as_tensor(visible)] == torch.finfo(torch.float32).min)
+
+
+def test_chain_tree_attention_is_causal():
+    parents = np.arange(5, dtype=np.int64) - 1
+    np.testing.assert_array_equal(ancestor_matrix(parents), np.tril(np.ones((6, 6), dtype=bool)))
+    np.testing.assert_array_equal(node_depths(parents), [1, 2, 3, 4, 5])
