@@ -23,7 +23,7 @@ def oracle_occurrences(tokens: list[int], config: SpecConfig) -> list[int]:
     """Positions right after earlier occurrences of the current suffix, by brute force.
 
     An occurrence of the last n tokens (n in NGRAM_SIZES) ends at an earlier position p, with
-    1 <= p < len - 1 so that its continuation starts inside the committed tokens. Longest n
+    1 <= p < len so that its continuation starts inside the known tokens. Longest n
     first, latest first within one n (the latest max_occurrences of each n), each position
     once, at most max_occurrences in all.
     """
@@ -33,7 +33,7 @@ def oracle_occurrences(tokens: list[int], config: SpecConfig) -> list[int]:
         if length < n or len(starts) >= limit:
             continue
         suffix = tokens[length - n :]
-        found = [p for p in range(max(n, 1), length - 1) if tokens[p - n : p] == suffix]
+        found = [p for p in range(max(n, 1), length) if tokens[p - n : p] == suffix]
         starts += [p for p in reversed(found[-limit:]) if p not in starts]
     return starts[:limit]
 

@@ -66,8 +66,6 @@ def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:
 def fuse(trees: Sequence[DraftTree], weights: dict[str, float] | None = None) -> DraftTree:
     """Merge trees into one trie; `weights` scale each source's scores (default 1)."""
     weights = weights or {}
-    if len(trees) == 1 and not weights:
-        return trees[0]
     trie = TrieBuilder()
     for tree in trees:
         node_in_trie: list[int] = []

@@ -10,6 +10,7 @@ from ragspec.config import SamplingConfig, SpecConfig
 from ragspec.drafting.base import Drafter
 from ragspec.drafting.budget import LatencyCurve, NodeBudget, load_or_measure_curve
 from ragspec.drafting.context_suffix import ContextSuffixDrafter
+from ragspec.drafting.continuations import new_match_estimate
 from ragspec.engine.loop import decode_steps
 from ragspec.engine.text import TextAssembler
 from ragspec.errors import ConfigError, PromptTooLong
@@ -44,7 +45,7 @@ class ContextDrafterFactory:
     """A fresh context suffix drafter per request, sharing one learned acceptance estimate."""
 
     def __init__(self) -> None:
-        self.estimate = ContextSuffixDrafter.new_estimate()
+        self.estimate = new_match_estimate()
 
     def __call__(self, engine: "Engine") -> list[Drafter]:
         return [ContextSuffixDrafter(engine.spec, self.estimate)]

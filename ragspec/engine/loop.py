@@ -59,7 +59,11 @@ def decode_steps(
     verifier.prefill(list(prompt_ids))
     stats.prefill_s = time.perf_counter() - start
     tokens = TokenBuffer(prompt_ids)
-    generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    generator = torch.Generator()  # sampling draws from its own generator, never the global one
+    if sampling.seed is not None:
+        generator.manual_seed(sampling.seed)
+    else:
+        generator.seed()
     while len(tokens) < target.context_length:
         room = target.context_length - len(tokens)  # positions left for draft nodes
         # 1-2. propose and fuse, pruned to the budget

@@ -1,0 +1,90 @@
+"""Drafters that propose what followed earlier occurrences of the current suffix.
+
+The context, past-responses and corpus-datastore drafters differ only in where they look up the
+suffix; turning the continuations into a scored tree, and learning from the target's verdicts,
+is shared here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ragspec.drafting.base import AcceptanceEstimate, judge_own_tree, target_continuation
+from ragspec.drafting.tree import TrieBuilder
+from ragspec.types import ROOT, DraftTree, StepResult
+
+# Prior P(draft token correct | parent correct) by match-length bucket, before any evidence.
+_PRIOR_BY_MATCH = {0: 0.2, 1: 0.3, 2: 0.4, 3: 0.5, 4: 0.6, 5: 0.7, 6: 0.8}
+
+
+def match_bucket(match_length: int) -> int:
+    """0 for 1 token, 1 for 2, 2 for 3-4, 3 for 5-8, 4 for 9-16, 5 for 17-32, 6 beyond."""
+    return min(6, int(np.ceil(np.log2(max(match_length, 1)))))
+
+
+def depth_bucket(depth: int) -> int:
+    return min(3, int(np.ceil(np.log2(max(depth, 1)))))
+
+
+def draft_depth(match_length: int, max_depth: int) -> int:
+    """Deep drafts where the match is long, shallow where it is short."""
+    return min(max_depth, 1 + 2 * match_length)
+
+
+def new_match_estimate(prior_scale: float = 1.0) -> AcceptanceEstimate:
+    """P(correct | parent correct) per (match bucket, depth bucket), from the prior."""
+    return AcceptanceEstimate(
+        {(m, d): min(0.9, prior_scale * (p + 0.1 * (d > 0))) for m, p in _PRIOR_BY_MATCH.items() for d in range(4)}
+    )
+
+
+class ContinuationDrafter:
+    """Base for suffix-match drafters: subclasses find continuations, this scores and learns."""
+
+    name = "continuation"
+
+    def __init__(self, estimate: AcceptanceEstimate | None = None):
+        self.estimate = estimate or new_match_estimate()
+        self._last_tree: DraftTree | None = None
+        self._last_buckets: list[tuple[int, int]] = []
+
+    def tree_from(self, continuations: list[np.ndarray], match_lengths: np.ndarray) -> DraftTree:
+        """Weigh continuations in a trie (match length squared per occurrence), then score:
+        P(node) = P(parent) * share of the parent's weight that goes on to this token
+                  * learned P(correct | parent correct) for its match length and depth."""
+        weights = TrieBuilder()  # scores hold summed weights while counting
+        best_match: list[int] = []
+        for tokens, match in zip(continuations, match_lengths.tolist()):
+            node, weight = ROOT, float(match * match)
+            for token in tokens.tolist():
+                node = weights.add(node, token, 0.0, self.name)  # score 0 leaves a weight as it was
+                weights.scores[node] += weight
+                if node == len(best_match):
+                    best_match.append(match)
+                else:
+                    best_match[node] = max(best_match[node], match)
+        root_weight = float(sum(m * m for m, c in zip(match_lengths.tolist(), continuations) if len(c)))
+        scores, buckets, depths = [], [], []
+        for node, parent in enumerate(weights.parents):
+            depth = 1 if parent == ROOT else depths[parent] + 1
+            parent_weight = root_weight if parent == ROOT else weights.scores[parent]
+            parent_score = 1.0 if parent == ROOT else scores[parent]
+            bucket = (match_bucket(best_match[node]), depth_bucket(depth))
+            scores.append(parent_score * weights.scores[node] / parent_weight * self.estimate.rate(bucket))
+            buckets.append(bucket)
+            depths.append(depth)
+        weights.scores = scores
+        self._last_tree, self._last_buckets = weights.build(), buckets
+        return self._last_tree
+
+    def nothing(self) -> DraftTree:
+        self._last_tree, self._last_buckets = None, []
+        return DraftTree.empty()
+
+    def observe(self, step: StepResult) -> None:
+        if self._last_tree is None:
+            return
+        tested, correct = judge_own_tree(self._last_tree, target_continuation(step))
+        for node in np.flatnonzero(tested).tolist():
+            self.estimate.update(self._last_buckets[node], 1, int(correct[node]))
+        self._last_tree = None

@@ -1,0 +1,88 @@
+"""An incremental n-gram index over a growing token sequence: where did this suffix occur?
+
+For each n in NGRAM_SIZES, a dict from the hash of an n-gram to the positions right after its
+occurrences. Appending a token costs O(len(NGRAM_SIZES)); appending a 30k-token prompt is one
+vectorised hashing pass. Hash collisions are harmless: every match is re-checked token by token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NGRAM_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
+SEPARATOR = -1  # between unrelated sequences (e.g. stored responses); matches no real token
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
+
+
+def ngram_hashes(tokens: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
+    """Hash of tokens[end - n : end] for each end (all ends must be >= n). [len(ends)] uint64."""
+    hashes = np.zeros(len(ends), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for offset in range(n, 0, -1):
+            hashes = hashes * _HASH_BASE + tokens[ends - offset].astype(np.uint64)
+    return hashes
+
+
+class NgramIndex:
+    def __init__(self, sizes: tuple[int, ...] = NGRAM_SIZES):
+        self.sizes = tuple(sorted(sizes))
+        self._followers: dict[int, dict[int, list[int]]] = {n: {} for n in self.sizes}
+        self._data = np.zeros(256, dtype=np.int64)
+        self._length = 0
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self._data[: self._length]
+
+    def extend(self, tokens: np.ndarray | list[int]) -> None:
+        """Append tokens; each new position p is indexed under the n-grams that end right before it."""
+        start, end = self._length, self._length + len(tokens)
+        if end > len(self._data):
+            self._data = np.concatenate([self._data, np.zeros(end, dtype=np.int64)])
+        self._data[start:end] = tokens
+        self._length = end
+        positions = np.arange(max(start, 1), end)
+        for n in self.sizes:
+            valid = positions[positions >= n]
+            table = self._followers[n]
+            for key, position in zip(ngram_hashes(self._data, valid, n).tolist(), valid.tolist()):
+                followers = table.get(key)
+                if followers is None:
+                    table[key] = [position]
+                else:
+                    followers.append(position)
+
+    def matches(self, query: np.ndarray, max_results: int, max_match: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positions following earlier occurrences of query's suffix, longest match first (latest
+        first among equals), with each match's true length (up to max_match). Both [<= max_results]."""
+        starts: list[int] = []
+        for n in reversed(self.sizes):
+            if len(query) < n or len(starts) >= max_results:
+                continue
+            key = int(ngram_hashes(query, np.array([len(query)]), n)[0])
+            followers = self._followers[n].get(key, ())
+            seen = set(starts)
+            starts.extend(p for p in reversed(followers[-max_results:]) if p not in seen)
+        found = np.asarray(starts[:max_results], dtype=np.int64)
+        lengths = self._match_lengths(query, found, max_match)
+        keep = lengths > 0
+        return found[keep], lengths[keep]
+
+    def _match_lengths(self, query: np.ndarray, starts: np.ndarray, max_match: int) -> np.ndarray:
+        """How many tokens before each start equal the last tokens of query. [len(starts)]"""
+        back = np.arange(1, max_match + 1)
+        earlier = starts[:, None] - back[None, :]  # [occurrences, max_match]
+        current = len(query) - back  # [max_match]
+        valid = (earlier >= 0) & (current >= 0)[None, :]
+        tokens = self.tokens
+        same = (tokens[np.maximum(earlier, 0)] == query[np.maximum(current, 0)][None, :]) & valid
+        return np.cumprod(same, axis=1).sum(axis=1)
+
+    def following(self, start: int, depth: int) -> np.ndarray:
+        """Up to `depth` tokens from `start`, cut at the first SEPARATOR."""
+        window = self.tokens[start : start + depth]
+        cut = np.flatnonzero(window == SEPARATOR)
+        return window[: cut[0]] if len(cut) else window
