@@ -95,7 +95,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("Error: no CUDA device; use --device cpu --small for a smoke run")
     if not args.skip_tests:
-        env_cmd = [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_lossless.py", "tests/test_verify.py"]
+        env_cmd = [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_lossless.py", "tests/test_verifier.py", "-m", "not slow"]
         print("lossless tests on", args.device, flush=True)
         subprocess.run(env_cmd, check=False, env={**__import__("os").environ, "RAGSPEC_TEST_DEVICE": args.device})
     target = random_llama(args.device, args.small)

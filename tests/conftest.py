@@ -8,6 +8,7 @@ that context drafts do get accepted.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ FLAT_CURVE = LatencyCurve(rows=(1, 64), seconds=(0.010, 0.0101))
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 TINY_ARCHITECTURES = ("llama", "qwen2")
+# `make gpu-check` runs the lossless tests with RAGSPEC_TEST_DEVICE=cuda.
+TEST_DEVICE = os.environ.get("RAGSPEC_TEST_DEVICE", "cpu")
 
 # The CPUs are shared: no per-example deadline, or a busy neighbour makes hypothesis flaky.
 settings.register_profile("ragspec", deadline=None)
@@ -61,7 +64,7 @@ def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, max_positions
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
-    return model.eval()
+    return model.to(TEST_DEVICE).eval()
 
 
 def tiny_loaded(arch: str, tokenizer, **kwargs) -> LoadedModel:
@@ -86,7 +89,7 @@ def tiny_engine(tiny_model) -> Engine:
 
 @pytest.fixture(scope="session")
 def real_engine() -> Engine:
-    return Engine(dtype="float32")
+    return Engine(dtype="float32", device=TEST_DEVICE)
 
 
 def spec_bench_questions() -> list[dict]:

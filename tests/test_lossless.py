@@ -77,7 +77,7 @@ def test_greedy_matches_hf_generate(tiny_engine):
     eos = tiny_engine.target.eos_token_ids
     prompts = lossless_prompts(tiny_engine.tokenizer)[::5]
     for prompt in prompts:
-        ids = torch.tensor([tiny_engine.encode(prompt)])
+        ids = torch.tensor([tiny_engine.encode(prompt)], device=model.device)
         with torch.inference_mode():
             out = model.generate(
                 ids,

@@ -22,7 +22,7 @@ def token_map(tree: DraftTree) -> DraftTree:
 @torch.inference_mode()
 def last_logits(model, ids: list[int]) -> torch.Tensor:
     """Plain causal forward over the whole sequence, no cache: logits after its last token."""
-    return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+    return model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float()
 
 
 def path_nodes(tree: DraftTree, node: int) -> list[int]:
