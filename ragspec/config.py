@@ -30,6 +30,9 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
+DRAFTERS = ("context", "past", "recycling", "datastore")
+
+
 @dataclass(frozen=True)
 class SpecConfig:
     """Speculation knobs. Defaults suit the embedded model on a CPU and a GPU alike."""
@@ -42,6 +45,10 @@ class SpecConfig:
     max_match: int = 64  # longest suffix match measured, in tokens
     max_occurrences: int = 32  # earlier occurrences of the match turned into tree branches
     max_depth: int = 32  # deepest continuation drafted
+    # which drafters run: context (this request's tokens), past (earlier answers), recycling
+    # (the target's own earlier top-k), datastore (the index, for requests that use one)
+    drafters: tuple[str, ...] = DRAFTERS
+    datastore_scope: str = "retrieved"  # "retrieved" chunks of the request, or the whole "index"
 
     def __post_init__(self) -> None:
         if self.max_nodes < 0 or self.min_nodes < 0 or self.min_nodes > self.max_nodes:
@@ -50,3 +57,8 @@ class SpecConfig:
             )
         if self.max_depth < 1 or self.max_occurrences < 1 or self.max_match < 1:
             raise ConfigError("max_depth, max_occurrences and max_match must be >= 1")
+        unknown = set(self.drafters) - set(DRAFTERS)
+        if unknown:
+            raise ConfigError(f"unknown drafters {sorted(unknown)}: choose from {', '.join(DRAFTERS)}")
+        if self.datastore_scope not in ("retrieved", "index"):
+            raise ConfigError(f"datastore_scope must be 'retrieved' or 'index', got {self.datastore_scope!r}")

@@ -35,3 +35,11 @@ class TokenizerMismatch(RagspecError):
 
 class EmptyCorpus(RagspecError):
     """An index build that found no text to index."""
+
+
+class IndexVersionMismatch(IndexCorrupt):
+    """An index written in another on-disk format version than this ragspec reads."""
+
+
+class CorpusNotFound(RagspecError):
+    """A document path given to an index build that does not exist."""

@@ -71,6 +71,7 @@ class StepResult:
     logits: torch.Tensor  # [1 + num_nodes, vocab] the verify logits (recycling drafters read them)
     draft_s: float
     verify_s: float
+    pending_token: int = -1  # the token verify row 0 stands for (the last committed token)
 
 
 @dataclass

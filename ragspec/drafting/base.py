@@ -21,6 +21,9 @@ class DraftContext:
 
 
 class Drafter(Protocol):
+    """Optionally also `finish_request(prompt_ids, generated_ids)`: called once a request ends
+    (drafters that outlive requests learn from whole answers or save their state there)."""
+
     name: str
 
     def propose(self, context: DraftContext) -> DraftTree: ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ragspec.config import SamplingConfig, SpecConfig
 from ragspec.drafting.base import Drafter
@@ -12,9 +13,10 @@ from ragspec.drafting.budget import LatencyCurve, NodeBudget, load_or_measure_cu
 from ragspec.drafting.context_suffix import ContextSuffixDrafter
 from ragspec.drafting.continuations import new_match_estimate
 from ragspec.engine.loop import decode_steps
+from ragspec.engine.rag import RagPrompt, build_rag_prompt
 from ragspec.engine.text import TextAssembler
 from ragspec.errors import ConfigError, PromptTooLong
-from ragspec.models import LoadedModel, load_model
+from ragspec.models import LoadedModel, cache_dir, load_model
 from ragspec.types import SpecStats
 
 Prompt = str | Sequence[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
@@ -28,6 +30,7 @@ class Generation:
     finish_reason: str  # "eos", "stop" (a stop string matched), or "length"
     stats: SpecStats
     prompt_tokens: int = 0
+    sources: list = field(default_factory=list)  # RetrievedChunks of a RAG request, best first
 
 
 @dataclass
@@ -41,22 +44,13 @@ class TextStream:
         return self._pieces
 
 
-class ContextDrafterFactory:
-    """A fresh context suffix drafter per request, sharing one learned acceptance estimate."""
-
-    def __init__(self) -> None:
-        self.estimate = new_match_estimate()
-
-    def __call__(self, engine: "Engine") -> list[Drafter]:
-        return [ContextSuffixDrafter(engine.spec, self.estimate)]
-
-
 class Engine:
     """Lossless speculative generation with one target model.
 
     >>> engine = Engine()                      # the embedded SmolLM2-135M-Instruct
     >>> out = engine.generate([{"role": "user", "content": "Hi"}], max_new_tokens=32)
     >>> out.text, out.stats.mean_acceptance_length
+    >>> engine.generate("Who wrote it?", index="books", k=5).sources
     """
 
     def __init__(
@@ -68,12 +62,17 @@ class Engine:
         spec: SpecConfig | None = None,
         drafter_factories: Sequence[DrafterFactory] | None = None,
         latency_curve: LatencyCurve | None = None,
+        index_home: str | Path | None = None,
     ):
+        """`drafter_factories` replaces the built-in drafters chosen by `spec.drafters`."""
         self.target = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.spec = spec or SpecConfig()
-        self.drafter_factories = list(drafter_factories or [ContextDrafterFactory()])
+        self.drafter_factories = list(drafter_factories or [])
+        self.index_home = Path(index_home) if index_home else None
         self._latency_curve = latency_curve
         self._budget: NodeBudget | None = None
+        self._shared: dict[str, object] = {}  # drafters and estimates that outlive a request
+        self._indexes: dict[str, object] = {}
 
     @property
     def tokenizer(self):
@@ -92,10 +91,22 @@ class Engine:
         if not self.tokenizer.chat_template:
             raise ConfigError(f"model {self.target.name} has no chat template: pass a plain string prompt")
         encoded = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-        return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def open_index(self, index):
+        """An Index object, or a name/path opened once and checked against this model's tokenizer."""
+        if not isinstance(index, (str, Path)):
+            return index
+        if str(index) not in self._indexes:
+            from ragspec.index import open_index
+
+            opened = open_index(str(index), home=self.index_home)
+            opened.check_tokenizer(self.target.tokenizer_fingerprint)
+            self._indexes[str(index)] = opened
+        return self._indexes[str(index)]
 
     def generate(self, prompt: Prompt, **options) -> Generation:
-        """Options: max_new_tokens, temperature, top_k, top_p, seed, stop, speculative."""
+        """Options: those of `stream`."""
         stream = self.stream(prompt, **options)
         for _ in stream:
             pass
@@ -113,15 +124,22 @@ class Engine:
         seed: int | None = None,
         stop: Sequence[str] = (),
         speculative: bool | None = None,
+        index=None,
+        k: int = 5,
+        rag_template: str | None = None,
     ) -> TextStream:
+        """With `index` (a name, path or Index), the k best chunks for the question go into the
+        prompt through `rag_template` ({context}, {question}) and feed the datastore drafter."""
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        prompt_ids = self.encode(prompt)
-        self._check_fits(prompt_ids)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        rag = build_rag_prompt(self.open_index(index), prompt, k, rag_template) if index is not None else None
+        prompt_ids = self.encode(rag.messages if rag else prompt)
+        self._check_fits(prompt_ids)
         use_spec = self.spec.enabled if speculative is None else speculative
+        drafters = self._request_drafters(index, rag) if use_spec else []
         stream = TextStream(iter(()))
-        stream._pieces = self._run(prompt_ids, sampling, max_new_tokens, list(stop), use_spec, stream)
+        stream._pieces = self._run(prompt_ids, sampling, max_new_tokens, list(stop), drafters, rag, stream)
         return stream
 
     def _check_fits(self, prompt_ids: list[int]) -> None:
@@ -134,10 +152,43 @@ class Engine:
                 f"context: shorten the prompt (or retrieve fewer chunks) to under {limit} tokens"
             )
 
-    def _run(self, prompt_ids, sampling, max_new_tokens, stop, use_spec, stream: TextStream) -> Iterator[str]:
+    def _request_drafters(self, index, rag: RagPrompt | None) -> list[Drafter]:
+        if self.drafter_factories:
+            return [d for factory in self.drafter_factories for d in factory(self)]
+        names, drafters = self.spec.drafters, []
+        if "context" in names:
+            drafters.append(ContextSuffixDrafter(self.spec, self._shared_item("context-estimate", new_match_estimate)))
+        if "past" in names:
+            drafters.append(self._shared_item(f"past:{index or ''}", self._new_past_drafter))
+        if "recycling" in names:
+            drafters.append(self._shared_item("recycling", self._new_recycling_drafter))
+        if "datastore" in names and rag is not None:
+            from ragspec.drafting.datastore import DatastoreDrafter
+
+            scope = rag.token_ranges if self.spec.datastore_scope == "retrieved" else None
+            estimate = self._shared_item("datastore-estimate", new_match_estimate)
+            drafters.append(DatastoreDrafter(self.open_index(index).datastore, scope, self.spec, estimate))
+        return drafters
+
+    def _shared_item(self, key: str, make: Callable[[], object]):
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
+
+    def _new_past_drafter(self):
+        from ragspec.drafting.past_responses import PastResponsesDrafter
+
+        return PastResponsesDrafter(self.spec)
+
+    def _new_recycling_drafter(self):
+        from ragspec.drafting.recycling import TokenRecyclingDrafter
+
+        state = cache_dir() / "recycling" / f"{self.target.name}-{self.target.tokenizer_fingerprint}.npy"
+        return TokenRecyclingDrafter(int(self.target.model.config.vocab_size), state)
+
+    def _run(self, prompt_ids, sampling, max_new_tokens, stop, drafters, rag, stream: TextStream) -> Iterator[str]:
         stats = SpecStats()
-        drafters = [d for factory in self.drafter_factories for d in factory(self)] if use_spec else []
-        budget = self.budget() if use_spec else None
+        budget = self.budget() if drafters else None
         text = TextAssembler(self.tokenizer, stop)
         eos = self.target.eos_token_ids
         start = time.perf_counter()
@@ -163,10 +214,15 @@ class Engine:
             yield tail
         stats.total_s = time.perf_counter() - start
         stats.num_generated_tokens = len(text.token_ids)
+        for drafter in drafters:
+            finish = getattr(drafter, "finish_request", None)
+            if finish is not None:
+                finish(prompt_ids, list(text.token_ids))
         stream.result = Generation(
             text=text.text,
             token_ids=list(text.token_ids),
             finish_reason=finish_reason,
             stats=stats,
             prompt_tokens=len(prompt_ids),
+            sources=list(rag.chunks) if rag else [],
         )

@@ -75,7 +75,8 @@ def decode_steps(
             tree = prune(tree, budget.choose(tree, limit=room))
         draft_s = time.perf_counter() - draft_start
         # 3. verify the pending token + tree in one forward
-        verified = verifier.verify(int(tokens.view()[-1]), tree)
+        pending_token = int(tokens.view()[-1])
+        verified = verifier.verify(pending_token, tree)
         if budget is not None:
             budget.observe(1 + tree.num_nodes, verified.verify_s)
         # 4. accept
@@ -88,7 +89,7 @@ def decode_steps(
         new_tokens = [*accept.accepted_tokens, accept.bonus_token]
         tokens.extend(new_tokens)
         # 6. observe
-        step = StepResult(tree, accept, verified.logits, draft_s, verified.verify_s)
+        step = StepResult(tree, accept, verified.logits, draft_s, verified.verify_s, pending_token)
         for drafter in drafters:
             drafter.observe(step)
         stats.record(step)

