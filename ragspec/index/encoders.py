@@ -67,9 +67,13 @@ def resolve_embedder(embedder: str | None) -> tuple[str, str | None]:
     return (str(path.resolve()), str(path.resolve())) if path.exists() else (embedder, embedder)
 
 
+def load_embedder(path: str | None = None, device: str | None = None):
+    """A SentenceTransformer: None = the embedded one (cached per process, ~1 s to load)."""
+    return _load_embedder(path, device)
+
+
 @lru_cache(maxsize=4)
-def load_embedder(path: str | None, device: str | None = None):
-    """A SentenceTransformer (cached per process: loading takes about a second)."""
+def _load_embedder(path: str | None, device: str | None):
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:

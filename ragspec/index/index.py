@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ragspec.errors import ConfigError, IndexNotFound, TokenizerMismatch
+from ragspec.errors import ConfigError, IndexCorrupt, IndexNotFound, TokenizerMismatch
 from ragspec.index import store
 from ragspec.index.datastore import TokenDatastore
 
@@ -173,7 +173,7 @@ def open_index(name_or_path: str | os.PathLike, home: str | os.PathLike | None =
     suffix = store.load_array(path / store.SUFFIX_FILE, manifest["num_tokens"], "suffix-array rows")
     index = Index(path, db, manifest, TokenDatastore(tokens=tokens, suffix_array=suffix))
     if checksums and index.dense.ntotal != index.num_chunks:
-        raise store.IndexCorrupt(
+        raise IndexCorrupt(
             f"{path / store.DENSE_FILE} holds {index.dense.ntotal} vectors for {index.num_chunks} chunks; "
             f"{store.REBUILD_HINT}"
         )
