@@ -185,12 +185,12 @@ class TokenDatastore:
     def following(self, positions: np.ndarray, depth: int) -> list[np.ndarray]:
         """For each position, the up to `depth` tokens from it, cut at the first SEPARATOR."""
         positions = np.asarray(positions, dtype=np.int64).ravel()
-        if len(positions) == 0 or depth <= 0:
-            return [np.zeros(0, dtype=np.int64) for _ in positions]
         n = len(self.tokens)
+        if len(positions) == 0 or depth <= 0 or n == 0:
+            return [np.zeros(0, dtype=np.int64) for _ in positions]
         grid = positions[:, None] + np.arange(depth, dtype=np.int64)[None, :]  # [m, depth]
         inside = (grid >= 0) & (grid < n)
-        values = np.where(inside, np.asarray(self.tokens)[np.clip(grid, 0, max(n - 1, 0))], SEPARATOR)
+        values = np.where(inside, np.asarray(self.tokens)[np.clip(grid, 0, n - 1)], SEPARATOR)
         stop = values == SEPARATOR
         lengths = np.where(stop.any(axis=1), stop.argmax(axis=1), depth)
         return [values[row, :length].astype(np.int64) for row, length in enumerate(lengths)]
