@@ -60,17 +60,19 @@ def index_group():
 
 
 @index_group.command("build")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--name", required=True, help="Index name (a folder under the home).")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Index name (a folder under the home).")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="TOML recipe with name, paths and options (see indexes/README.md); flags given override it.")
 @click.option("--model", default=None, help="Target model whose tokenizer the datastore uses: HF dir or .gguf (default: embedded SmolLM2-135M-Instruct).")
 @click.option("--embedder", default=None, help="sentence-transformers model dir (default: embedded all-MiniLM-L6-v2).")
-@click.option("--faiss", "faiss_factory", default="Flat", show_default=True, help="FAISS factory string, e.g. Flat, HNSW32,Flat, IVF256,Flat.")
-@click.option("--chunk-tokens", default=256, show_default=True, type=int, help="Chunk size in target tokens.")
-@click.option("--overlap-tokens", default=32, show_default=True, type=int, help="Tokens shared by neighbouring chunks.")
+@click.option("--faiss", "faiss_factory", default=None, help="FAISS factory string, e.g. Flat (default), HNSW32,Flat, IVF256,Flat.")
+@click.option("--chunk-tokens", default=None, type=int, help="Chunk size in target tokens (default 256).")
+@click.option("--overlap-tokens", default=None, type=int, help="Tokens shared by neighbouring chunks (default 32).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_home_option
 @_library_errors
-def build_command(paths, name, model, embedder, faiss_factory, chunk_tokens, overlap_tokens, quiet, home):
+def build_command(paths, name, recipe, model, embedder, faiss_factory, chunk_tokens, overlap_tokens, quiet, home):
     """Build index NAME from files and directories (txt, md, rst, html, jsonl with a "text" field).
 
     An existing index of the same name is replaced only once the new one is complete.
@@ -78,13 +80,22 @@ def build_command(paths, name, model, embedder, faiss_factory, chunk_tokens, ove
     \b
     Example:
       ragspec index build docs/ faq.jsonl --name docs --chunk-tokens 128 --faiss HNSW32,Flat
+      ragspec index build --recipe indexes/pride-and-prejudice.toml
     """
     from ragspec.index import build_index
+    from ragspec.index.recipe import Recipe, load_recipe
     from ragspec.models import EMBEDDED_MODEL
 
+    base = load_recipe(recipe) if recipe else Recipe(name="", paths=())
+    name, paths = name or base.name, list(paths) or list(base.paths)
+    if not name or not paths:
+        raise click.UsageError("give PATH... and --name NAME, or --recipe FILE")
     index = build_index(
-        list(paths), name, home=home, model_name=model or EMBEDDED_MODEL, embedder=embedder,
-        faiss_factory=faiss_factory, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens, progress=not quiet,
+        paths, name, home=home, model_name=model or base.model or EMBEDDED_MODEL,
+        embedder=embedder or base.embedder, faiss_factory=faiss_factory or base.faiss,
+        chunk_tokens=chunk_tokens if chunk_tokens is not None else base.chunk_tokens,
+        overlap_tokens=overlap_tokens if overlap_tokens is not None else base.overlap_tokens,
+        progress=not quiet,
     )
     _report_build(index)
 

@@ -107,3 +107,23 @@ def test_empty_corpus_and_corrupt_index_errors(tmp_path, home, corpus):
 def test_every_command_help_has_an_example():
     for name, command in index_group.commands.items():
         assert "Example:" in (command.help or ""), name
+
+
+def test_build_from_a_recipe(tmp_path, corpus):
+    recipe = tmp_path / "book.toml"
+    recipe.write_text(f'name = "r"\npaths = ["{corpus / "facts.jsonl"}"]\nchunk_tokens = 32\noverlap_tokens = 4\n')
+    result = invoke("build", "--recipe", recipe, "--quiet", "--home", tmp_path / "home")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(invoke("info", "r", "--json", "--home", tmp_path / "home").stdout)
+    assert manifest["chunk_tokens"] == 32 and manifest["num_documents"] == 1
+    recipe.write_text('name = "r"\npaths = ["x"]\nchunk_size = 3\n')
+    bad = invoke("build", "--recipe", recipe, "--home", tmp_path / "home")
+    assert bad.exit_code == 1 and "unknown keys: ['chunk_size']" in bad.stderr
+    assert invoke("build", "--home", tmp_path).exit_code == 2  # neither paths nor recipe
+
+
+def test_shipped_recipes_parse():
+    from ragspec.index.recipe import load_recipe
+
+    for recipe in (Path(__file__).resolve().parents[1] / "indexes").glob("*.toml"):
+        assert load_recipe(recipe).name

@@ -61,8 +61,11 @@ class TokenDatastore:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _prepare(self) -> None:
-        """Big-endian byte copy of tokens + 1: byte order equals suffix-array order."""
+    def prepare(self) -> None:
+        """Build the lookup key now (else on the first lookup; ~0.2 s and 2 bytes/token at 10M tokens).
+
+        The key is a big-endian byte copy of tokens + 1, whose byte order is the suffix-array order.
+        """
         if self._key is not None:
             return
         top = int(self.tokens.max()) + 1 if len(self.tokens) else 1
@@ -127,7 +130,8 @@ class TokenDatastore:
                 return _evenly(self._scan_scope(pattern, scope), limit)
             ends = np.asarray(self.suffix_array[lo:hi], dtype=np.int64) + length
             return _evenly(np.sort(self._valid(ends, scope)), limit)
-        rows = _evenly(np.arange(lo, hi), limit * _SAMPLE_FACTOR)
+        wanted = limit * _SAMPLE_FACTOR
+        rows = np.arange(lo, hi) if hi - lo <= wanted else np.linspace(lo, hi - 1, wanted).round().astype(np.int64)
         ends = self._valid(np.asarray(self.suffix_array[rows], dtype=np.int64) + length, None)
         if len(ends) == 0 and hi - lo > len(rows):  # the sample only hit chunk ends: look at all
             ends = self._valid(np.asarray(self.suffix_array[lo:hi], dtype=np.int64) + length, None)
@@ -155,7 +159,7 @@ class TokenDatastore:
         top = min(max_len, len(context))
         if len(self.tokens) == 0 or top < max(min_len, 1) or max_positions <= 0:
             return empty
-        self._prepare()
+        self.prepare()
         scope = _merge_ranges(allowed_ranges) if allowed_ranges is not None else None
         if scope is not None and len(scope[0]) == 0:
             return empty
