@@ -117,6 +117,18 @@ def _no_text(corpus: Corpus, where: str) -> EmptyCorpus:
     return EmptyCorpus(f"no text to index in {where}{skipped}: give .txt, .md, .rst, .html or .jsonl files")
 
 
+def _manifest(model_name: str, tokenizer, embedder_name: str, embedder_path: str | None, dim: int,
+              faiss_factory: str, effective: str, chunk_tokens: int, overlap_tokens: int) -> dict:
+    return {
+        "format_version": store.FORMAT_VERSION, "created_at": _now(),
+        "model_name": str(Path(model_name).resolve()) if Path(model_name).exists() else str(model_name),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
+        "embedder_name": embedder_name, "embedder_path": embedder_path, "embedding_dim": int(dim),
+        "faiss_factory": faiss_factory, "faiss_factory_effective": effective, "metric": "inner_product",
+        "chunk_tokens": chunk_tokens, "overlap_tokens": overlap_tokens, "separator": SEPARATOR,
+    }
+
+
 def _build_corpus(corpus: Corpus, name: str, home, tokenizer, model_name: str, embedder: str | None,
                   faiss_factory: str, chunk_tokens: int, overlap_tokens: int, progress: bool,
                   where: str) -> Index:
@@ -141,14 +153,9 @@ def _build_corpus(corpus: Corpus, name: str, home, tokenizer, model_name: str, e
         store.create_tables(db)
         _insert_rows(db, corpus.documents, chunks, spans, 0, 0)
         _write_arrays(tmp, tokens, dense, progress)
-        manifest = {
-            "format_version": store.FORMAT_VERSION, "created_at": _now(), "model_name": str(model_name),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
-            "embedder_name": embedder_name, "embedder_path": embedder_path, "embedding_dim": int(vectors.shape[1]),
-            "faiss_factory": faiss_factory, "faiss_factory_effective": effective, "metric": "inner_product",
-            "chunk_tokens": chunk_tokens, "overlap_tokens": overlap_tokens, "separator": SEPARATOR,
-            "num_documents": len(corpus.documents), "num_chunks": len(chunks), "num_tokens": len(tokens),
-        }
+        manifest = _manifest(model_name, tokenizer, embedder_name, embedder_path, vectors.shape[1],
+                             faiss_factory, effective, chunk_tokens, overlap_tokens)
+        manifest.update(num_documents=len(corpus.documents), num_chunks=len(chunks), num_tokens=len(tokens))
         _finish(tmp, db, manifest, root / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

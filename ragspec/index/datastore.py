@@ -151,7 +151,7 @@ class TokenDatastore:
         tokens[p-L:p] == context[-L:] and tokens[p] a real token (the first continuation).
         With allowed_ranges, only p inside one of the [start, end) ranges count. (0, []) if none.
         """
-        context = np.asarray(context, dtype=np.int64).ravel()
+        context = np.asarray(context[-max_len:] if max_len > 0 else [], dtype=np.int64).ravel()
         cut = np.flatnonzero(context < 0)  # a separator in the context ends what can match
         if len(cut):
             context = context[cut[-1] + 1:]
