@@ -100,6 +100,7 @@ def _finish(tmp: Path, db, manifest: dict, final: Path) -> None:
     manifest["updated_at"] = _now()
     store.write_manifest(db, manifest)
     db.conn.close()
+    tmp.chmod(0o755)  # mkdtemp makes it private; an index is shared like any build output
     _swap_into_place(tmp, final)
 
 
