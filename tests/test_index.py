@@ -225,3 +225,11 @@ def test_bad_faiss_factory_and_chunking_are_config_errors(tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="overlap"):
         build_index_from_texts([("a", "some text")], "f", tmp_path, tokenizer=tokenizer, chunk_tokens=8,
                                overlap_tokens=8)
+
+
+def test_index_moved_aside_by_an_interrupted_swap_is_restored(copy_of):
+    aside = copy_of / ".old-book-x1"
+    aside.mkdir()
+    (copy_of / "book").rename(aside / "book")
+    assert open_index("book", copy_of).num_documents == 4
+    assert sorted(p.name for p in copy_of.iterdir()) == ["book"]

@@ -62,11 +62,23 @@ def resolve(name_or_path: str | os.PathLike, home: str | os.PathLike | None = No
     else:
         path = index_home(home) / check_name(text)
     if not path.is_dir():
+        _restore_moved_aside(path)
+    if not path.is_dir():
         known = ", ".join(list_indexes(home)) or "none"
         raise IndexNotFound(
             f"no index at {path} (indexes here: {known}): build it with `ragspec index build PATH --name {path.name}`"
         )
     return path
+
+
+def _restore_moved_aside(path: Path) -> None:
+    """A build stopped between its two renames leaves the old index in .old-<name>-*/: put it back."""
+    for aside in sorted(path.parent.glob(f".old-{path.name}-*/{path.name}")):
+        if (aside / store.META_FILE).exists():
+            log.warning("restoring index %s from %s (a build was interrupted)", path.name, aside)
+            os.replace(aside, path)
+            shutil.rmtree(aside.parent, ignore_errors=True)
+            return
 
 
 class Index:
