@@ -22,9 +22,10 @@ from ragspec.bench.workloads import (
     load_workload,
     tokenizer_truncate,
 )
+from ragspec.drafting.budget import measure_latency_curve
 from ragspec.engine import Engine
 from ragspec.errors import ConfigError
-from ragspec.models import LoadedModel
+from ragspec.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,14 @@ def _as_engine(engine: Engine | LoadedModel | None, options: BenchOptions) -> En
     if isinstance(engine, Engine):
         return engine
     if isinstance(engine, LoadedModel):
-        return Engine(engine)
+        return Engine(engine, persist_state=False)
     log.info("loading model %s (dtype %s)", options.model or "embedded", options.dtype or "auto")
-    return Engine(options.model, dtype=options.dtype)
+    target = load_model(options.model, dtype=options.dtype)
+    # A fresh curve, not the cache: a curve profiled while the machine was busy would skew the run.
+    log.info("profiling the verify-latency curve")
+    curve = measure_latency_curve(target)
+    # Learned drafter state starts cold and stays off disk, so runs do not feed each other.
+    return Engine(target, latency_curve=curve, persist_state=False)
 
 
 def load_workloads(options: BenchOptions, engine: Engine) -> list[Workload]:

@@ -63,12 +63,15 @@ class Engine:
         drafter_factories: Sequence[DrafterFactory] | None = None,
         latency_curve: LatencyCurve | None = None,
         index_home: str | Path | None = None,
+        persist_state: bool = True,
     ):
-        """`drafter_factories` replaces the built-in drafters chosen by `spec.drafters`."""
+        """`drafter_factories` replaces the built-in drafters chosen by `spec.drafters`;
+        `persist_state=False` keeps learned drafter state (the recycling matrix) off disk."""
         self.target = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.spec = spec or SpecConfig()
         self.drafter_factories = list(drafter_factories or [])
         self.index_home = Path(index_home) if index_home else None
+        self.persist_state = persist_state
         self._latency_curve = latency_curve
         self._budget: NodeBudget | None = None
         self._shared: dict[str, object] = {}  # drafters and estimates that outlive a request
@@ -184,7 +187,7 @@ class Engine:
         from ragspec.drafting.recycling import TokenRecyclingDrafter
 
         state = cache_dir() / "recycling" / f"{self.target.name}-{self.target.tokenizer_fingerprint}.npy"
-        return TokenRecyclingDrafter(int(self.target.model.config.vocab_size), state)
+        return TokenRecyclingDrafter(int(self.target.model.config.vocab_size), state if self.persist_state else None)
 
     def _run(self, prompt_ids, sampling, max_new_tokens, stop, drafters, rag, stream: TextStream) -> Iterator[str]:
         stats = SpecStats()
