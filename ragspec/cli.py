@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 
 import click
 
-from ragspec.errors import RagspecError
-
-
-def _library_errors(command):
-    """Turn RagspecError into a one-line message and exit code 1."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except RagspecError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
+from ragspec.cli_support import library_errors
 
 
 def _model_options(command):
@@ -51,14 +37,14 @@ def _generation_options(command):
     return command
 
 
-def _engine(model, dtype, device):
+def _engine(model, dtype, device, **engine_options):
     from transformers.utils import logging as hf_logging
 
     from ragspec import Engine
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    return Engine(model, dtype=None if dtype == "auto" else dtype, device=device)
+    return Engine(model, dtype=None if dtype == "auto" else dtype, device=device, **engine_options)
 
 
 def _print_stats(stats) -> None:
@@ -74,7 +60,8 @@ def _print_stats(stats) -> None:
     click.echo("\n".join(lines), err=True)
 
 
-def _stream(engine, prompt, options) -> str:
+def _stream(engine, prompt, options):
+    """Print the reply as it is generated; return the finished Generation."""
     show_stats = options.pop("stats")
     speculative = not options.pop("no_spec")
     stream = engine.stream(prompt, speculative=speculative, **options)
@@ -84,7 +71,7 @@ def _stream(engine, prompt, options) -> str:
     click.echo()
     if show_stats:
         _print_stats(stream.result.stats)
-    return stream.result.text
+    return stream.result
 
 
 @click.group()
@@ -100,7 +87,7 @@ def main(verbose: bool) -> None:
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
 @_model_options
 @_generation_options
-@_library_errors
+@library_errors
 def generate(prompt, raw, model, dtype, device, **options):
     """Generate a reply to PROMPT.
 
@@ -114,7 +101,7 @@ def generate(prompt, raw, model, dtype, device, **options):
 @click.option("--system", default=None, help="System message.")
 @_model_options
 @_generation_options
-@_library_errors
+@library_errors
 def chat(system, model, dtype, device, **options):
     """Chat in the terminal; the history is kept and drafted from. Empty line or Ctrl-D ends.
 
@@ -131,18 +118,44 @@ def chat(system, model, dtype, device, **options):
             break
         history.append({"role": "user", "content": line})
         reply = _stream(engine, history, dict(options))
-        history.append({"role": "assistant", "content": reply})
+        history.append({"role": "assistant", "content": reply.text})
 
 
-def _attach_optional_commands() -> None:
-    try:
-        from ragspec.bench.cli import bench_command
-    except ImportError:  # the bench package is optional at import time
-        return
+@main.command()
+@click.argument("question")
+@click.option("--index", "index_name", required=True, help="Index name (under --home) or path.")
+@click.option("-k", "k", default=5, show_default=True, help="Chunks retrieved into the prompt.")
+@click.option("--scope", type=click.Choice(["retrieved", "index"]), default="retrieved", show_default=True,
+              help="Datastore drafting over the retrieved chunks only, or the whole index.")
+@click.option("--show-sources", is_flag=True, help="List the retrieved chunks after the answer.")
+@click.option("--home", default=None, envvar="RAGSPEC_INDEX_HOME", help="Folder holding the indexes.")
+@_model_options
+@_generation_options
+@library_errors
+def ask(question, index_name, k, scope, show_sources, home, model, dtype, device, **options):
+    """Answer QUESTION from an index: retrieve k chunks, generate with retrieval drafts.
+
+    Example: ragspec ask --index austen "Who does Elizabeth marry?" --stats --show-sources
+    """
+    from ragspec.config import SpecConfig
+
+    engine = _engine(model, dtype, device, index_home=home, spec=SpecConfig(datastore_scope=scope))
+    result = _stream(engine, question, {**options, "index": index_name, "k": k})
+    if show_sources:
+        for rank, chunk in enumerate(result.sources, 1):
+            preview = " ".join(chunk.text.split())[:100]
+            click.echo(f"[{rank}] {chunk.score:.3f} {chunk.source}: {preview}", err=True)
+
+
+def _attach_subcommands() -> None:
+    from ragspec.bench.cli import bench_command
+    from ragspec.index_cli import index_group
+
     main.add_command(bench_command, name="bench")
+    main.add_command(index_group, name="index")
 
 
-_attach_optional_commands()
+_attach_subcommands()
 
 if __name__ == "__main__":
     main()

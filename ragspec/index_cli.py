@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import click
 
-from ragspec.errors import RagspecError
-
-
-def _library_errors(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except RagspecError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
+from ragspec.cli_support import library_errors
 
 
 def _home_option(command):
@@ -71,7 +59,7 @@ def index_group():
 @click.option("--overlap-tokens", default=None, type=int, help="Tokens shared by neighbouring chunks (default 32).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_home_option
-@_library_errors
+@library_errors
 def build_command(paths, name, recipe, model, embedder, faiss_factory, chunk_tokens, overlap_tokens, quiet, home):
     """Build index NAME from files and directories (txt, md, rst, html, jsonl with a "text" field).
 
@@ -105,7 +93,7 @@ def build_command(paths, name, recipe, model, embedder, faiss_factory, chunk_tok
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_home_option
-@_library_errors
+@library_errors
 def add_command(name, paths, quiet, home):
     """Add the documents under PATHS that index NAME does not hold yet.
 
@@ -122,7 +110,7 @@ def add_command(name, paths, quiet, home):
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @_home_option
-@_library_errors
+@library_errors
 def info_command(name, as_json, home):
     """Show the manifest, file sizes and counts of index NAME.
 
@@ -151,7 +139,7 @@ def info_command(name, as_json, home):
 @click.option("-k", "k", default=5, show_default=True, type=int, help="Number of chunks.")
 @click.option("--width", default=200, show_default=True, type=int, help="Characters of each chunk to show (0 = all).")
 @_home_option
-@_library_errors
+@library_errors
 def query_command(name, text, k, width, home):
     """Show the K chunks of index NAME closest to TEXT, with scores and sources.
 
@@ -170,7 +158,7 @@ def query_command(name, text, k, width, home):
 
 @index_group.command("ls")
 @_home_option
-@_library_errors
+@library_errors
 def ls_command(home):
     """List the indexes under the home.
 
@@ -188,7 +176,7 @@ def ls_command(home):
 @click.argument("name")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_home_option
-@_library_errors
+@library_errors
 def rm_command(name, yes, home):
     """Delete index NAME.
 
@@ -209,7 +197,7 @@ def rm_command(name, yes, home):
 @index_group.command("verify")
 @click.argument("name")
 @_home_option
-@_library_errors
+@library_errors
 def verify_command(name, home):
     """Check every file of index NAME against its recorded checksum.
 

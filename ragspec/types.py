@@ -91,6 +91,7 @@ class SpecStats:
     acceptance_histogram: list[int] = field(default_factory=list)  # [k] steps that accepted k drafts
     accepted_per_source: dict[str, int] = field(default_factory=dict)
     drafted_per_source: dict[str, int] = field(default_factory=dict)
+    draft_latencies_s: dict[str, list[float]] = field(default_factory=dict)  # [steps] per source
 
     def record(self, step: StepResult) -> None:
         self.num_steps += 1
@@ -145,6 +146,7 @@ class SpecStats:
             "acceptance_histogram": list(self.acceptance_histogram),
             "accepted_per_source": dict(self.accepted_per_source),
             "drafted_per_source": dict(self.drafted_per_source),
+            "draft_latency_p50_ms": {k: 1000 * float(np.median(v)) for k, v in self.draft_latencies_s.items()},
         }
 
 

@@ -40,6 +40,13 @@ class TokenBuffer:
         return self._length
 
 
+def _timed_propose(drafter: Drafter, context: DraftContext, stats: SpecStats) -> DraftTree:
+    start = time.perf_counter()
+    tree = drafter.propose(context)
+    stats.draft_latencies_s.setdefault(drafter.name, []).append(time.perf_counter() - start)
+    return tree
+
+
 def decode_steps(
     target: LoadedModel,
     prompt_ids: Sequence[int],
@@ -71,7 +78,7 @@ def decode_steps(
         tree = DraftTree.empty()
         if drafters and budget is not None:
             context = DraftContext(tokens=tokens.view(), max_nodes=min(budget.max_nodes, room))
-            tree = fuse([drafter.propose(context) for drafter in drafters])
+            tree = fuse([_timed_propose(drafter, context, stats) for drafter in drafters])
             tree = prune(tree, budget.choose(tree, limit=room))
         draft_s = time.perf_counter() - draft_start
         # 3. verify the pending token + tree in one forward
