@@ -72,7 +72,7 @@ def decode_steps(
     else:
         generator.seed()
     while len(tokens) < target.context_length:
-        room = target.context_length - len(tokens)  # positions left for draft nodes
+        room = target.context_length - len(tokens) - 1  # positions left for drafts, bonus token kept
         # 1-2. propose and fuse, pruned to the budget
         draft_start = time.perf_counter()
         tree = DraftTree.empty()
