@@ -151,6 +151,20 @@ def read_faiss(path: Path, mmap: bool = True):
         ) from exc
 
 
+def on_gpu_if_available(index):
+    """Move the index to the GPUs when FAISS was built with GPU support (the [gpu] extra) and a
+    GPU is present; otherwise, or for index types FAISS cannot move (HNSW), keep it on the CPU."""
+    import faiss
+
+    if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError as exc:
+        log.info("FAISS index stays on the CPU: %s", str(exc).strip().splitlines()[-1])
+        return index
+
+
 def tune_faiss(index, k: int) -> None:
     """Search-time knobs: probe more IVF lists, widen the HNSW beam."""
     import faiss

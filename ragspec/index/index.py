@@ -121,9 +121,9 @@ class Index:
     @property
     def dense(self):
         if self._dense is None:
-            from ragspec.index.encoders import read_faiss
+            from ragspec.index.encoders import on_gpu_if_available, read_faiss
 
-            self._dense = read_faiss(self.path / store.DENSE_FILE)
+            self._dense = on_gpu_if_available(read_faiss(self.path / store.DENSE_FILE))
         return self._dense
 
     def embedder(self):
