@@ -1,5 +1,6 @@
 """Benchmark harness: ragspec vs plain decoding vs transformers peers on real workloads."""
 
+from ragspec.bench.experiments import EXPERIMENTS
 from ragspec.bench.peers import DEFAULT_METHODS
 from ragspec.bench.runner import BenchOptions, run_benchmark
 from ragspec.bench.workloads import DEFAULT_WORKLOADS, FULL_WORKLOADS, Request, Workload, load_workload
@@ -7,6 +8,7 @@ from ragspec.bench.workloads import DEFAULT_WORKLOADS, FULL_WORKLOADS, Request, 
 __all__ = [
     "DEFAULT_METHODS",
     "DEFAULT_WORKLOADS",
+    "EXPERIMENTS",
     "FULL_WORKLOADS",
     "BenchOptions",
     "Request",

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ragspec.bench.experiments import EXPERIMENTS
 from ragspec.bench.peers import DEFAULT_METHODS
 from ragspec.bench.runner import DEFAULT_DATA_DIR, DEFAULT_JSON, DEFAULT_LIMIT, FULL_LIMIT, BenchOptions
 from ragspec.bench.workloads import DEFAULT_WORKLOADS, FULL_WORKLOADS
@@ -16,7 +17,8 @@ from ragspec.errors import RagspecError
 @click.command("bench")
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, help="Shared evaluation data.")
 @click.option("--workload", "workloads", multiple=True,
-              help="spec_bench:<category>, mt_redundant, longdoc:<set> or jsonl:<path> (repeatable).")
+              help="spec_bench:<category>, mt_redundant, longdoc:<set>, jsonl:<path>, rag:spec_bench "
+                   "or rag:longdoc:<set> (repeatable).")
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
               help="Comma-separated: ragspec-ar, ragspec, hf-greedy, hf-pld, llamacpp-greedy.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
@@ -29,13 +31,17 @@ from ragspec.errors import RagspecError
 @click.option("--model", default=None, help="HF model directory or .gguf file [default: embedded].")
 @click.option("--json", "json_path", default=DEFAULT_JSON, show_default=True,
               help="Report path; report.md and PNG plots are written beside it.")
-@click.option("--full", is_flag=True, help="All Spec-Bench categories, mt_redundant and long documents.")
+@click.option("--experiment", "experiments", multiple=True, type=click.Choice(EXPERIMENTS),
+              help="Also run: past-twice (questions asked twice, one engine) or drafter-ablation "
+                   "(single drafters vs fused, per Spec-Bench category). Repeatable.")
+@click.option("--full", is_flag=True,
+              help="All Spec-Bench categories, mt_redundant, long documents, RAG workloads and both experiments.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_context_tokens, dtype, model,
-                  json_path, full, no_plots) -> None:
+                  json_path, experiments, full, no_plots) -> None:
     """Benchmark ragspec against plain decoding and transformers' generate on real prompts.
 
-    Example: ragspec bench --workload spec_bench:rag --limit 2 --max-new-tokens 64
+    Example: ragspec bench --workload rag:spec_bench --limit 2 --max-new-tokens 64 --experiment past-twice
     """
     from ragspec.bench.runner import run_benchmark
 
@@ -52,6 +58,8 @@ def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_conte
             model=model,
             json_path=json_path,
             plots=not no_plots,
+            experiments=tuple(experiments) or (EXPERIMENTS if full else ()),
+            experiment_limit=limit,  # an explicit --limit also sizes the experiments
         )
         report = run_benchmark(options)
     except RagspecError as exc:
@@ -60,7 +68,23 @@ def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_conte
         speedup = entry["geomean_speedup_vs_ragspec_ar"]
         click.echo(f"{name:16s} {entry['tokens_per_s']:7.1f} tok/s  "
                    f"{'' if speedup is None else f'{speedup:.2f}x'}  identical={entry['identical_outputs']}")
+    for line in _experiment_summary(report.get("experiments") or {}):
+        click.echo(line)
     click.echo(f"report: {json_path}")
+
+
+def _experiment_summary(experiments: dict) -> list[str]:
+    lines = []
+    past = experiments.get("past_twice")
+    if past:
+        ratio = past["acceptance_length_ratio"]
+        lines.append(f"past-twice: acceptance length pass 2 / pass 1 = "
+                     f"{'—' if ratio is None else f'{ratio:.2f}x'} (target {past['target_ratio']:.1f}x)")
+    ablation = experiments.get("drafter_ablation")
+    if ablation:
+        lines.append(f"drafter-ablation: fused >= best single drafter in every category: "
+                     f"{ablation['fused_ge_best_single_everywhere']}")
+    return lines
 
 
 def _log_progress_to_stderr() -> None:

@@ -6,6 +6,9 @@
   hf-pld           transformers prompt lookup decoding (`prompt_lookup_num_tokens=10`)
   llamacpp-greedy  llama.cpp on the GGUF file, only when `llama_cpp` is importable
                    (its quantised kernels differ numerically, so identical output is not expected)
+
+On a RAG workload every method gets the same retrieved prompt: the two ragspec methods retrieve it
+themselves (index=, so their wall time includes one search), the others get its token ids.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Protocol
 
 import torch
 
-from ragspec.engine import Engine
+from ragspec.config import SpecConfig
+from ragspec.engine import Engine, Generation
 from ragspec.errors import ConfigError
 from ragspec.models import EMBEDDED_MODEL, embedded_model_path
 from ragspec.types import SpecStats
@@ -37,10 +41,32 @@ class MethodOutput:
     stats: SpecStats | None  # ragspec methods only
 
 
+@dataclass(frozen=True)
+class RagContext:
+    """A RAG request: engine methods ask `question` with `index=` (so the datastore drafter runs);
+    the others get the prompt ids of `build_rag_prompt(index, question, k)`, which retrieved `chunk_ids`."""
+
+    question: str
+    index: object  # ragspec.index.Index
+    k: int
+    chunk_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """What every method is given for one measured prompt."""
+
+    request_id: str
+    messages: list[dict]
+    prompt_ids: list[int]
+    rag: RagContext | None = None
+
+
 class Method(Protocol):
     name: str
 
-    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int) -> MethodOutput: ...
+    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int,
+            rag: RagContext | None = None) -> MethodOutput: ...
 
 
 @dataclass
@@ -49,11 +75,29 @@ class EngineMethod:
     engine: Engine
     speculative: bool
 
-    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int) -> MethodOutput:
+    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int,
+            rag: RagContext | None = None) -> MethodOutput:
+        options = {"max_new_tokens": max_new_tokens, "speculative": self.speculative}
         start = time.perf_counter()
-        out = self.engine.generate(messages, max_new_tokens=max_new_tokens, speculative=self.speculative)
+        if rag is None:
+            out = self.engine.generate(messages, **options)
+        else:  # retrieval runs inside the call, as a user's RAG request does
+            out = self.engine.generate(rag.question, index=rag.index, k=rag.k, **options)
         wall_s = time.perf_counter() - start
+        if rag is not None:
+            check_same_rag_prompt(out, prompt_ids, rag)
         return MethodOutput(token_ids=list(out.token_ids), wall_s=wall_s, stats=out.stats)
+
+
+def check_same_rag_prompt(out: Generation, prompt_ids: list[int], rag: RagContext) -> None:
+    """The engine's own RAG prompt must be the one every other method was given: the same chunks in
+    the same order through the same template, hence the same ids (checked by their count too)."""
+    chunk_ids = tuple(chunk.chunk_id for chunk in out.sources)
+    if chunk_ids != rag.chunk_ids or out.prompt_tokens != len(prompt_ids):
+        raise AssertionError(
+            f"RAG prompt mismatch for {rag.question[:60]!r}: the engine retrieved {chunk_ids} "
+            f"({out.prompt_tokens} prompt tokens), the other methods got {rag.chunk_ids} ({len(prompt_ids)})"
+        )
 
 
 @dataclass
@@ -65,7 +109,8 @@ class HFGenerateMethod:
     prompt_lookup_num_tokens: int | None = None
 
     @torch.inference_mode()
-    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int) -> MethodOutput:
+    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int,
+            rag: RagContext | None = None) -> MethodOutput:
         target = self.engine.target
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=target.device)
         extra = {}
@@ -94,7 +139,8 @@ class LlamaCppMethod:
     llama: object  # llama_cpp.Llama
     eos_token_ids: set[int]
 
-    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int) -> MethodOutput:
+    def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int,
+            rag: RagContext | None = None) -> MethodOutput:
         self.llama.reset()
         tokens: list[int] = []
         start = time.perf_counter()
@@ -150,3 +196,10 @@ def _llamacpp_method(engine: Engine, model_path: str | None, n_ctx: int) -> Meth
 
     llama = Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False)
     return LlamaCppMethod("llamacpp-greedy", llama, engine.target.eos_token_ids)
+
+
+def fresh_engine(engine: Engine, spec: SpecConfig) -> Engine:
+    """A new Engine on the same loaded model and latency curve, with `spec`: its drafters start cold
+    and keep their learned state off disk."""
+    return Engine(engine.target, spec=spec, latency_curve=engine.budget().curve, index_home=engine.index_home,
+                  persist_state=False)

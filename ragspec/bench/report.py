@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +36,7 @@ class WorkloadRun:
     max_new_tokens: int
     request_ids: list[str]
     outputs: dict[str, list[MethodOutput]]  # method -> one output per request, same order
+    extra: dict = field(default_factory=dict)  # RAG workloads: the entry's "index" and "drafting"
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,10 @@ def cpu_info() -> dict:
             "torch_threads": torch.get_num_threads()}
 
 
-def build_report(meta: RunMetadata, runs: list[WorkloadRun]) -> dict:
+def build_report(meta: RunMetadata, runs: list[WorkloadRun], experiments: dict | None = None) -> dict:
     workloads = [summarize_workload(run, meta.dtype) for run in runs]
     return {**asdict(meta), "divergence_note": DIVERGENCE_NOTE, "workloads": workloads,
-            "summary": summarize_methods(workloads)}
+            "summary": summarize_methods(workloads), "experiments": experiments or {}}
 
 
 def summarize_workload(run: WorkloadRun, dtype: str) -> dict:
@@ -102,7 +103,7 @@ def summarize_workload(run: WorkloadRun, dtype: str) -> dict:
     if spec is not None:
         methods[SPECULATIVE_METHOD].update(_speculation_details(spec))
     return {"name": run.name, "num_prompts": len(run.request_ids), "max_new_tokens": run.max_new_tokens,
-            "methods": methods}
+            "methods": methods, **run.extra}
 
 
 def _method_metrics(outputs: list[MethodOutput]) -> dict:
@@ -228,12 +229,55 @@ def render_markdown(report: dict) -> str:
     for workload in report["workloads"]:
         lines += [f"## {workload['name']} ({workload['num_prompts']} prompts, "
                   f"max_new_tokens {workload['max_new_tokens']})", "", *_method_table(workload["methods"]), ""]
+        if "index" in workload:
+            lines += [rag_line(workload), ""]
     lines += ["## Summary", "", "| method | geomean speedup vs ragspec-ar | tok/s overall | identical |",
               "|---|---:|---:|---|"]
     for name, entry in report["summary"].items():
         lines.append(f"| {name} | {_fmt(entry['geomean_speedup_vs_ragspec_ar'], 'x')} | "
                      f"{_fmt(entry['tokens_per_s'])} | {_fmt_bool(entry['identical_outputs'])} |")
+    lines += experiment_lines(report.get("experiments") or {})
     return "\n".join(lines) + "\n"
+
+
+def rag_line(workload: dict) -> str:
+    """One Markdown line: the index's build cost and size, retrieval and per-drafter latency, accepted tokens."""
+    index, drafting = workload["index"], workload["drafting"]
+    latency = ", ".join(f"{source} {_fmt(p50)}/{_fmt(drafting['draft_latency_p99_ms'].get(source))}"
+                        for source, p50 in drafting["draft_latency_p50_ms"].items())
+    accepted = ", ".join(f"{source} {count}" for source, count in drafting["accepted_per_source"].items())
+    return (f"Index: {index['num_documents']} documents, {index['num_chunks']} chunks, {index['num_tokens']} tokens, "
+            f"built at {_fmt(index['build_tokens_per_s'])} tok/s ({_fmt(index['build_chunks_per_s'])} chunks/s), "
+            f"{_fmt(index['bytes_per_token'])} bytes/token; retrieval (k={index['k']}) p50 "
+            f"{_fmt(index['retrieval_p50_ms'])} ms, p99 {_fmt(index['retrieval_p99_ms'])} ms; datastore scope "
+            f"{index['datastore_scope']}; draft ms p50/p99: {latency or '—'}; accepted tokens: {accepted or '—'}.")
+
+
+def experiment_lines(experiments: dict) -> list[str]:
+    lines: list[str] = []
+    past = experiments.get("past_twice")
+    if past:
+        lines += ["", f"## Experiment: past-twice ({past['num_questions']} questions asked twice)", "",
+                  "| pass | mean acceptance length | tok/s |", "|---|---:|---:|"]
+        lines += [f"| {n} | {_fmt(past[f'pass{n}']['mean_acceptance_length'])} | "
+                  f"{_fmt(past[f'pass{n}']['tokens_per_s'])} |" for n in (1, 2)]
+        lines += ["", f"Acceptance length ratio {_fmt(past['acceptance_length_ratio'], 'x')} (target "
+                  f"{_fmt(past['target_ratio'], 'x')}), tok/s ratio {_fmt(past['tokens_per_s_ratio'], 'x')}, "
+                  f"identical outputs {_fmt_bool(past['identical_outputs'])}."]
+    ablation = experiments.get("drafter_ablation")
+    if ablation:
+        labels = list(ablation["configurations"])
+        lines += ["", "## Experiment: drafter ablation (tok/s, mean acceptance length)", "",
+                  "| category | " + " | ".join(labels) + " | fused >= best single |",
+                  "|---|" + "---:|" * len(labels) + "---|"]
+        for category, entry in ablation["categories"].items():
+            if not entry["num_prompts"]:
+                continue
+            cells = [f"{_fmt(entry['configs'][label]['tokens_per_s'])}, "
+                     f"{_fmt(entry['configs'][label]['mean_acceptance_length'])}" for label in labels]
+            lines.append(f"| {category} | " + " | ".join(cells) +
+                         f" | {_fmt_bool(entry['fused_ge_best_single_tokens_per_s'])} |")
+    return lines
 
 
 def _method_table(methods: dict) -> list[str]:

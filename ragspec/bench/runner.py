@@ -3,16 +3,24 @@
 >>> from ragspec.bench import BenchOptions, run_benchmark
 >>> report = run_benchmark(BenchOptions(workloads=("spec_bench:rag",), limit=2, max_new_tokens=64))
 >>> report["workloads"][0]["methods"]["ragspec"]["speedup_vs_ragspec_ar"]
+
+RAG workloads (rag:...) build their index into a temporary home that the run removes; experiments
+(options.experiments) run after the workloads, each into report["experiments"].
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from ragspec.bench.peers import DEFAULT_METHODS, Method, MethodOutput, build_methods
+from ragspec.bench.experiments import EXPERIMENTS, run_experiment
+from ragspec.bench.peers import DEFAULT_METHODS, Method, MethodOutput, PreparedRequest, build_methods
+from ragspec.bench.rag import RagRun
 from ragspec.bench.report import RunMetadata, WorkloadRun, build_report, write_report
 from ragspec.bench.workloads import (
     DEFAULT_WORKLOADS,
@@ -50,6 +58,8 @@ class BenchOptions:
     json_path: str = DEFAULT_JSON  # report.md and the PNG plots go beside it
     plots: bool = True
     warmup: bool = True
+    experiments: tuple[str, ...] = ()  # "past-twice", "drafter-ablation"; run after the workloads
+    experiment_limit: int | None = None  # questions; None: 10 for past-twice, `limit` per ablation category
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -58,12 +68,11 @@ class BenchOptions:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if not self.workloads or not self.methods:
             raise ConfigError("give at least one workload and one method")
-
-
-@dataclass
-class _Outputs:
-    request_ids: list[str] = field(default_factory=list)
-    per_method: dict[str, list[MethodOutput]] = field(default_factory=dict)
+        unknown = [name for name in self.experiments if name not in EXPERIMENTS]
+        if unknown:
+            raise ConfigError(f"unknown experiment {unknown[0]!r}: use {' or '.join(EXPERIMENTS)}")
+        if self.experiment_limit is not None and self.experiment_limit < 1:
+            raise ConfigError(f"experiment_limit must be >= 1, got {self.experiment_limit}")
 
 
 def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = None) -> dict:
@@ -74,11 +83,16 @@ def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = N
     if options.warmup:
         warm_up(methods, engine)
     meta, runs = RunMetadata.collect(engine, options), []
-    for workload in workloads:
-        runs.append(run_workload(workload, methods, engine, options.max_new_tokens))
-        if len(runs) < len(workloads):  # partial report, so an interrupted run keeps its numbers
+    with tempfile.TemporaryDirectory(prefix="ragspec-bench-indexes-") as index_home:  # RAG indexes, one a workload
+        for workload in workloads:
+            runs.append(run_workload(workload, methods, engine, options.max_new_tokens, index_home))
+            # partial report, so an interrupted run keeps its numbers
             write_report(build_report(meta, runs), Path(options.json_path), plots=False)
-    report = build_report(meta, runs)
+    experiments = {}
+    for name in dict.fromkeys(options.experiments):
+        experiments[name.replace("-", "_")] = run_experiment(name, options, engine)
+        write_report(build_report(meta, runs, experiments), Path(options.json_path), plots=False)
+    report = build_report(meta, runs, experiments)
     write_report(report, Path(options.json_path), plots=options.plots)
     return report
 
@@ -117,27 +131,46 @@ def warm_up(methods: Sequence[Method], engine: Engine) -> None:
         method.run(messages, prompt_ids, WARMUP_TOKENS)
 
 
-def run_workload(workload: Workload, methods: Sequence[Method], engine: Engine, max_new_tokens: int) -> WorkloadRun:
-    """Each prompt runs through every method in turn (interleaved, so drift hits all alike)."""
-    outputs = _Outputs(per_method={method.name: [] for method in methods})
+def run_workload(workload: Workload, methods: Sequence[Method], engine: Engine, max_new_tokens: int,
+                 index_home: str | Path | None = None) -> WorkloadRun:
+    """Each prompt runs through every method in turn (interleaved, so drift hits all alike).
+    A RAG workload first builds its index under `index_home` (a temporary directory if None)."""
+    if workload.rag is None:
+        def prepare(request: Request) -> PreparedRequest:
+            messages = prepare_messages(engine, request, max_new_tokens)
+            return PreparedRequest(request.request_id, messages, engine.encode(messages))
+
+        return _run_requests(workload, methods, engine, max_new_tokens, prepare)
+    with contextlib.ExitStack() as stack:
+        home = index_home or stack.enter_context(tempfile.TemporaryDirectory(prefix="ragspec-bench-"))
+        rag = RagRun.build_index(workload, engine, home)
+        stack.callback(rag.close)
+        run = _run_requests(workload, rag.methods(methods), engine, max_new_tokens, rag.prepare)
+        return dataclasses.replace(run, extra=rag.summary(run.outputs))
+
+
+def _run_requests(workload: Workload, methods: Sequence[Method], engine: Engine, max_new_tokens: int,
+                  prepare: Callable[[Request], PreparedRequest]) -> WorkloadRun:
+    outputs: dict[str, list[MethodOutput]] = {method.name: [] for method in methods}
+    request_ids: list[str] = []
     total = len(workload.requests)
-    for index, request in enumerate(workload.requests, 1):
-        messages = prepare_messages(engine, request, max_new_tokens)
-        prompt_ids = engine.encode(messages)
-        if len(prompt_ids) + max_new_tokens > engine.target.context_length:
+    for number, request in enumerate(workload.requests, 1):
+        prepared = prepare(request)
+        prompt_tokens = len(prepared.prompt_ids)
+        if prompt_tokens + max_new_tokens > engine.target.context_length:
             log.warning("%s: skipping request %s (%d prompt tokens do not fit)",
-                        workload.name, request.request_id, len(prompt_ids))
+                        workload.name, request.request_id, prompt_tokens)
             continue
-        outputs.request_ids.append(request.request_id)
+        request_ids.append(request.request_id)
         for method in methods:
-            out = method.run(messages, prompt_ids, max_new_tokens)
-            outputs.per_method[method.name].append(out)
+            out = method.run(prepared.messages, prepared.prompt_ids, max_new_tokens, prepared.rag)
+            outputs[method.name].append(out)
             log.info("%s [%d/%d] %-16s %4d prompt + %3d new tokens in %6.2fs (%6.1f tok/s)",
-                     workload.name, index, total, method.name, len(prompt_ids), len(out.token_ids),
+                     workload.name, number, total, method.name, prompt_tokens, len(out.token_ids),
                      out.wall_s, len(out.token_ids) / out.wall_s if out.wall_s > 0 else 0.0)
-    if not outputs.request_ids:
+    if not request_ids:
         raise ConfigError(f"workload {workload.name}: no prompt fits the model's context")
-    return WorkloadRun(workload.name, max_new_tokens, outputs.request_ids, outputs.per_method)
+    return WorkloadRun(workload.name, max_new_tokens, request_ids, outputs)
 
 
 def prepare_messages(engine: Engine, request: Request, max_new_tokens: int) -> list[dict]:

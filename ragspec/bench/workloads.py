@@ -6,6 +6,10 @@ Names:
   longdoc:<set>           L-Eval long-document QA (quality, scientific_qa, financial_qa, ...):
                           one document (truncated by tokens) + its first question
   jsonl:<path>            any JSONL with `turns` (first turn), `input` + `instructions`, or `prompt`
+  rag:spec_bench          Spec-Bench `rag`: the five passages of every selected question form one
+                          index; each request asks only the question, with the top-k chunks retrieved
+  rag:longdoc:<set>       L-Eval: the whole documents form one index; each request asks a document's
+                          first question with the top-k chunks (the datastore drafter sees all)
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from ragspec.errors import ConfigError
@@ -22,15 +27,20 @@ SPEC_BENCH_CATEGORIES = (
     "translation", "summarization", "qa", "math_reasoning", "rag",
 )
 LONGDOC_SETS = ("quality", "scientific_qa", "financial_qa")
+# rag:spec_bench asks the spec_bench:rag questions over the same passages (retrieved instead of
+# pasted), so it takes that workload's place in the default set at about the same cost.
 DEFAULT_WORKLOADS = (
-    "spec_bench:summarization", "spec_bench:rag", "spec_bench:writing",
+    "spec_bench:summarization", "rag:spec_bench", "spec_bench:writing",
     "spec_bench:translation", "mt_redundant", "longdoc:quality",
 )
 FULL_WORKLOADS = (
     *(f"spec_bench:{c}" for c in SPEC_BENCH_CATEGORIES),
     "mt_redundant",
     *(f"longdoc:{s}" for s in LONGDOC_SETS),
+    "rag:spec_bench",
+    *(f"rag:longdoc:{s}" for s in LONGDOC_SETS),
 )
+RAG_K = 5  # chunks retrieved into each RAG prompt
 CHARS_PER_TOKEN = 4  # fallback document truncation when no tokenizer is given
 PROMPT_OVERHEAD_TOKENS = 64  # chat template + instruction words around a long document
 
@@ -50,9 +60,19 @@ class Request:
 
 
 @dataclass(frozen=True)
+class RagSetup:
+    """A retrieval workload: its requests' single turn is the question, asked over an index of `corpus`."""
+
+    corpus: tuple[tuple[str, str], ...]  # (source label, text) documents the index is built from
+    k: int = RAG_K
+    datastore_scope: str = "retrieved"  # what the `ragspec` method's datastore drafter searches
+
+
+@dataclass(frozen=True)
 class Workload:
     name: str
     requests: tuple[Request, ...]
+    rag: RagSetup | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,8 @@ def load_workload(
     data = Path(data_dir)
     budget = budget or DocumentBudget()
     kind, _, arg = name.partition(":")
+    if kind == "rag":
+        return _load_rag_workload(name, arg, data, limit)
     if kind == "spec_bench" and arg:
         rows = _spec_bench_rows(data / "spec_bench" / "question.jsonl", arg)
         requests = (_turns_request(row, i, first_only=True) for i, row in rows)
@@ -104,12 +126,49 @@ def load_workload(
     else:
         raise ConfigError(
             f"unknown workload {name!r}: use spec_bench:<category>, mt_redundant, "
-            "longdoc:<quality|scientific_qa|financial_qa>, or jsonl:<path>"
+            "longdoc:<quality|scientific_qa|financial_qa>, jsonl:<path>, rag:spec_bench or rag:longdoc:<set>"
         )
     selected = tuple(_take(requests, limit))
     if not selected:
         raise ConfigError(f"workload {name!r} has no requests")
     return Workload(name=name, requests=selected)
+
+
+def _load_rag_workload(name: str, arg: str, data: Path, limit: int | None) -> Workload:
+    kind, _, subset = arg.partition(":")
+    if kind == "spec_bench" and not subset:
+        rows = list(islice(_spec_bench_rows(data / "spec_bench" / "question.jsonl", "rag"), limit))
+        split = [(str(row.get("question_id", i)), split_spec_bench_rag(_first_turn(row, i))) for i, row in rows]
+        corpus = tuple((f"q{rid}-p{j}", p) for rid, (passages, _) in split for j, p in enumerate(passages, 1))
+        requests = tuple(Request(rid, (question,)) for rid, (_, question) in split)
+        return Workload(name, requests, RagSetup(corpus))
+    if kind == "longdoc" and subset:
+        rows = list(islice(enumerate(read_jsonl(data / "longdoc" / f"{subset}.jsonl")), limit))
+        pairs = [(str(i), *_leval_fields(row, i)) for i, row in rows]
+        documents = dict.fromkeys(document for _, document, _ in pairs)  # a document asked twice is indexed once
+        corpus = tuple((f"{subset}-{j}", document) for j, document in enumerate(documents))
+        requests = tuple(Request(rid, (question,)) for rid, _, question in pairs)
+        if not requests:
+            raise ConfigError(f"workload {name!r} has no requests")
+        return Workload(name, requests, RagSetup(corpus, datastore_scope="index"))
+    raise ConfigError(
+        f"unknown workload {name!r}: use rag:spec_bench or rag:longdoc:<quality|scientific_qa|financial_qa>"
+    )
+
+
+def split_spec_bench_rag(prompt: str) -> tuple[list[str], str]:
+    """(passages, question) of a Spec-Bench rag prompt: the passages come one a line before the question."""
+    lines = [line.strip() for line in prompt.split("\n") if line.strip()]
+    if len(lines) < 2:
+        raise ConfigError(f"a Spec-Bench rag prompt needs passages before its question, got {prompt[:80]!r}")
+    return lines[:-1], lines[-1]
+
+
+def _first_turn(row: dict, index: int) -> str:
+    turns = row.get("turns")
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+        raise ConfigError(f"row {index}: `turns` must be a non-empty list")
+    return turns[0]
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
@@ -153,11 +212,16 @@ def _turns_request(row: dict, index: int, first_only: bool) -> Request:
     return Request(request_id=rid, user_turns=tuple(turns[:1] if first_only else turns[:2]))
 
 
-def _leval_request(row: dict, index: int, budget: DocumentBudget) -> Request:
+def _leval_fields(row: dict, index: int) -> tuple[str, str]:
+    """(document, first question) of an L-Eval row."""
     document, instructions = row.get("input"), row.get("instructions")
     if not isinstance(document, str) or not instructions:
         raise ConfigError(f"row {index}: L-Eval rows need `input` and `instructions`")
-    question = instructions[0] if isinstance(instructions, list) else str(instructions)
+    return document, instructions[0] if isinstance(instructions, list) else str(instructions)
+
+
+def _leval_request(row: dict, index: int, budget: DocumentBudget) -> Request:
+    document, question = _leval_fields(row, index)
     extra = len(question) // 2  # generous token estimate for the question
     return Request(request_id=str(index), user_turns=(longdoc_prompt(budget.cut(document, extra), question),))
 
