@@ -50,7 +50,7 @@ class PastResponsesDrafter(ContinuationDrafter):
             self._responses.popleft()
         self.index = NgramIndex()
         for response in self._responses:
-            self.index.extend(np.concatenate([[SEPARATOR], response[-self.max_tokens // 2 :]]))
+            self.index.extend(np.concatenate([[SEPARATOR], response[-(self.max_tokens // 2) :]]))
 
     def propose(self, context: DraftContext) -> DraftTree:
         if not len(self.index) or context.max_nodes <= 0:
