@@ -94,3 +94,4 @@ def _log_progress_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # the root handler of `ragspec -v` would print every line twice

@@ -36,28 +36,43 @@ class LatencyCurve:
 
 
 class NodeBudget:
-    """Picks the node count per step from the curve; tracks drift with measured step times."""
+    """Picks the node count per step from the curve and the tree's scores.
+
+    Two corrections are learned online from every verified step: the latency offset (measured
+    minus predicted; it grows with the KV cache) and a calibration factor for the scores
+    (accepted tokens over the scores' sum, so drafters that under- or over-estimate their odds
+    still get the right tree size).
+    """
 
     def __init__(self, curve: LatencyCurve, max_nodes: int, min_nodes: int = 0):
         self.curve = curve
         self.max_nodes = max_nodes
         self.min_nodes = min_nodes
-        self._offset_s = 0.0  # measured minus predicted latency (grows with the KV cache), EMA
+        self._offset_s = 0.0  # EMA of measured minus predicted latency
+        self._accepted = self._predicted = 1.0  # EMAs of accepted drafts and of their scores' sum
+
+    @property
+    def calibration(self) -> float:
+        return float(np.clip(self._accepted / self._predicted, 0.25, 4.0))
 
     def choose(self, tree: DraftTree, limit: int | None = None) -> int:
         cap = min(tree.num_nodes, self.max_nodes, self.max_nodes if limit is None else limit)
         if cap <= 0:
             return 0
-        best_scores = tree.scores[best_first_order(tree)[:cap]]
+        best_scores = np.minimum(1.0, tree.scores[best_first_order(tree)[:cap]] * self.calibration)
         expected_tokens = 1.0 + np.concatenate([[0.0], np.cumsum(best_scores)])  # [cap + 1]
         seconds = self.curve(np.arange(1, cap + 2)) + self._offset_s
         throughput = expected_tokens / np.maximum(seconds, 1e-6)
         throughput[: self.min_nodes] = -1.0
         return int(np.argmax(throughput))
 
-    def observe(self, rows: int, seconds: float) -> None:
-        error = seconds - float(self.curve(rows))
+    def observe(self, tree: DraftTree, num_accepted: int, seconds: float) -> None:
+        """Learn from one verify: `tree` as verified, how many of its nodes the target accepted."""
+        error = seconds - float(self.curve(1 + tree.num_nodes))
         self._offset_s += 0.1 * (error - self._offset_s)
+        if tree.num_nodes:
+            self._predicted += 0.05 * (float(tree.scores.sum()) - self._predicted)
+            self._accepted += 0.05 * (num_accepted - self._accepted)
 
 
 def load_or_measure_curve(target: LoadedModel, rows: tuple[int, ...] = PROFILE_ROWS) -> LatencyCurve:

@@ -84,13 +84,13 @@ def decode_steps(
         # 3. verify the pending token + tree in one forward
         pending_token = int(tokens.view()[-1])
         verified = verifier.verify(pending_token, tree)
-        if budget is not None:
-            budget.observe(1 + tree.num_nodes, verified.verify_s)
         # 4. accept
         if sampling.greedy:
             accept = accept_greedy(tree, verified.logits)
         else:
             accept = accept_sampled(tree, verified.logits, sampling, generator)
+        if budget is not None:
+            budget.observe(tree, accept.num_accepted, verified.verify_s)
         # 5. commit: keep the accepted path's KV; the bonus token becomes the pending token
         verifier.commit(accept)
         new_tokens = [*accept.accepted_tokens, accept.bonus_token]
