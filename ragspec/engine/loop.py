@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -47,6 +48,18 @@ def _timed_propose(drafter: Drafter, context: DraftContext, stats: SpecStats) ->
     return tree
 
 
+def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_length: int, stats: SpecStats):
+    """The fused draft tree for this step, pruned to the budget, and the seconds it took."""
+    start = time.perf_counter()
+    room = context_length - len(tokens) - 1  # positions left for drafts, bonus token kept
+    if not drafters or budget is None or room <= 0:
+        return DraftTree.empty(), time.perf_counter() - start
+    context = DraftContext(tokens=tokens.view(), max_nodes=min(budget.max_nodes, room))
+    tree = fuse([_timed_propose(drafter, context, stats) for drafter in drafters])
+    tree = prune(tree, budget.choose(tree, limit=room))
+    return tree, time.perf_counter() - start
+
+
 def decode_steps(
     target: LoadedModel,
     prompt_ids: Sequence[int],
@@ -62,9 +75,8 @@ def decode_steps(
     only when the context window is full. With no drafters or no budget it is plain decoding.
     """
     verifier = TreeVerifier(target)
-    start = time.perf_counter()
-    verifier.prefill(list(prompt_ids))
-    stats.prefill_s = time.perf_counter() - start
+    prefilled = verifier.prefill_and_verify(list(prompt_ids))  # step 1's verify, empty tree
+    stats.prefill_s = prefilled.verify_s
     tokens = TokenBuffer(prompt_ids)
     generator = torch.Generator()  # sampling draws from its own generator, never the global one
     if sampling.seed is not None:
@@ -72,24 +84,20 @@ def decode_steps(
     else:
         generator.seed()
     while len(tokens) < target.context_length:
-        room = target.context_length - len(tokens) - 1  # positions left for drafts, bonus token kept
-        # 1-2. propose and fuse, pruned to the budget
-        draft_start = time.perf_counter()
-        tree = DraftTree.empty()
-        if drafters and budget is not None:
-            context = DraftContext(tokens=tokens.view(), max_nodes=min(budget.max_nodes, room))
-            tree = fuse([_timed_propose(drafter, context, stats) for drafter in drafters])
-            tree = prune(tree, budget.choose(tree, limit=room))
-        draft_s = time.perf_counter() - draft_start
-        # 3. verify the pending token + tree in one forward
         pending_token = int(tokens.view()[-1])
-        verified = verifier.verify(pending_token, tree)
+        if prefilled is not None:  # its time is in stats.prefill_s, not in any step's
+            tree, draft_s, verified, prefilled = DraftTree.empty(), 0.0, replace(prefilled, verify_s=0.0), None
+        else:
+            # 1-2. propose and fuse, pruned to the budget
+            tree, draft_s = _draft(drafters, budget, tokens, target.context_length, stats)
+            # 3. verify the pending token + tree in one forward
+            verified = verifier.verify(pending_token, tree)
         # 4. accept
         if sampling.greedy:
             accept = accept_greedy(tree, verified.logits)
         else:
             accept = accept_sampled(tree, verified.logits, sampling, generator)
-        if budget is not None:
+        if budget is not None and verified.verify_s > 0:
             budget.observe(tree, accept.num_accepted, verified.verify_s)
         # 5. commit: keep the accepted path's KV; the bonus token becomes the pending token
         verifier.commit(accept)

@@ -34,6 +34,15 @@ class TreeVerifier:
         self.past_length = len(token_ids) - 1
 
     @torch.inference_mode()
+    def prefill_and_verify(self, token_ids: list[int]) -> VerifyOutput:
+        """`prefill(token_ids)` then `verify(token_ids[-1], empty tree)`, in one forward."""
+        start = time.perf_counter()
+        ids = torch.tensor([token_ids], device=self.target.device)
+        out = self.target.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.past_length = len(token_ids) - 1
+        return VerifyOutput(logits=out.logits[0].float(), verify_s=time.perf_counter() - start)
+
+    @torch.inference_mode()
     def verify(self, pending_token: int, tree: DraftTree) -> VerifyOutput:
         start = time.perf_counter()
         device = self.target.device
