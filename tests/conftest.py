@@ -22,6 +22,7 @@ from ragspec.models import _dequantised_dir, embedded_model_path
 # Nearly flat: verifying 64 nodes costs about what 1 costs, so the budget speculates a lot.
 FLAT_CURVE = LatencyCurve(rows=(1, 64), seconds=(0.010, 0.0101))
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+BOOK = DATA_DIR / "corpus" / "pg1342_pride_and_prejudice.txt"
 
 TINY_ARCHITECTURES = ("llama", "qwen2")
 # `make gpu-check` runs the lossless tests with RAGSPEC_TEST_DEVICE=cuda.
@@ -97,3 +98,12 @@ def spec_bench_questions() -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def book_paragraphs(count: int) -> list[str]:
+    """The first paragraphs of Pride and Prejudice (skips the test when the file is absent)."""
+    if not BOOK.is_file():
+        pytest.skip(f"corpus file {BOOK} not present")
+    text = BOOK.read_text(encoding="utf-8")
+    body = text[text.index("It is a truth universally acknowledged"):]
+    return [p for p in body.split("\n\n")[:count] if p.strip()]

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import DATA_DIR, FLAT_CURVE, spec_bench_questions
+from conftest import FLAT_CURVE, book_paragraphs, spec_bench_questions
 from test_tree import assert_is_trie, assert_monotone, assert_valid_tree
 from ragspec import Engine
 from ragspec.config import DRAFTERS, SpecConfig
@@ -26,19 +26,10 @@ from ragspec.drafting.suffix_index import NGRAM_SIZES, SEPARATOR, NgramIndex
 from ragspec.drafting.tree import node_paths
 from ragspec.types import ROOT, AcceptResult, DraftTree, StepResult
 
-BOOK = DATA_DIR / "corpus" / "pg1342_pride_and_prejudice.txt"
 
 
 def context(tokens, max_nodes: int = 64) -> DraftContext:
     return DraftContext(tokens=np.asarray(tokens, dtype=np.int64), max_nodes=max_nodes)
-
-
-def book_paragraphs(count: int) -> list[str]:
-    if not BOOK.is_file():
-        pytest.skip(f"corpus file {BOOK} not present")
-    text = BOOK.read_text(encoding="utf-8")
-    body = text[text.index("It is a truth universally acknowledged"):]
-    return [p for p in body.split("\n\n")[:count] if p.strip()]
 
 
 # -- NgramIndex ------------------------------------------------------------------------------

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATA_DIR, FLAT_CURVE, build_tiny_model
+from conftest import FLAT_CURVE, book_paragraphs, build_tiny_model
 from ragspec import Engine, LoadedModel
 from ragspec.config import SpecConfig
 from ragspec.engine.rag import DEFAULT_RAG_TEMPLATE, build_rag_prompt
 from ragspec.errors import ConfigError, IndexNotFound, TokenizerMismatch
 from ragspec.index import SEPARATOR, RetrievedChunk, build_index_from_texts, open_index
 
-BOOK = DATA_DIR / "corpus" / "pg1342_pride_and_prejudice.txt"
 INDEX = "austen"
 QUESTIONS = [
     "Who rents Netherfield Park?",
@@ -23,14 +22,6 @@ QUESTIONS = [
     "Why does Mr. Bennet tease his wife?",
 ]
 MAX_NEW = 24
-
-
-def book_paragraphs(count: int) -> list[str]:
-    if not BOOK.is_file():
-        pytest.skip(f"corpus file {BOOK} not present")
-    text = BOOK.read_text(encoding="utf-8")
-    body = text[text.index("It is a truth universally acknowledged"):]
-    return [p for p in body.split("\n\n")[:count] if p.strip()]
 
 
 @pytest.fixture(scope="module")
