@@ -56,7 +56,7 @@ class ReplayDrafter:
         self.rng = np.random.default_rng(seed)
 
     def propose(self, context: DraftContext) -> DraftTree:
-        done = len(context.tokens) - self.prompt_len  # generated tokens incl. the pending one
+        done = len(context.tokens) - self.prompt_len  # generated tokens so far (the pending one included)
         truth = self.reference[done : done + self.depth]
         tokens = [t if self.rng.random() < self.accept_rate else (t + 1) for t in truth]
         n = len(tokens)
@@ -74,10 +74,10 @@ def speed_check(target: LoadedModel, new_tokens: int, accept_rates: list[float])
     plain = plain_engine.generate(text_prompt, max_new_tokens=new_tokens, speculative=False)
     results = [{"method": "plain", "tokens_per_s": plain.stats.decode_tokens_per_s}]
     prompt_len = len(plain_engine.encode(text_prompt))
-    reference = [int(plain_engine.encode(text_prompt)[-1]), *plain.token_ids, 0] + [0] * 64
+    reference = [*plain.token_ids, *[0] * 64]  # padded: drafts may run past the end
     for rate in accept_rates:
         engine = Engine(target, latency_curve=plain_engine.budget().curve,
-                        drafter_factories=[lambda e, r=rate: [ReplayDrafter(reference[1:], prompt_len, r, 16)]])
+                        drafter_factories=[lambda e, r=rate: [ReplayDrafter(reference, prompt_len, r, 16)]])
         spec = engine.generate(text_prompt, max_new_tokens=new_tokens)
         results.append({"method": f"replay p={rate}", "tokens_per_s": spec.stats.decode_tokens_per_s,
                         "mean_acceptance_length": spec.stats.mean_acceptance_length,

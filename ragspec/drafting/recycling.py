@@ -9,7 +9,6 @@ after each request, so a new process starts warm.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from pathlib import Path
 
