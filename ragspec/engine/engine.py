@@ -98,15 +98,14 @@ class Engine:
 
     def open_index(self, index):
         """An Index object, or a name/path opened once and checked against this model's tokenizer."""
-        if not isinstance(index, (str, Path)):
-            return index
-        if str(index) not in self._indexes:
-            from ragspec.index import open_index
+        if isinstance(index, (str, Path)):
+            if str(index) not in self._indexes:
+                from ragspec.index import open_index
 
-            opened = open_index(str(index), home=self.index_home)
-            opened.check_tokenizer(self.target.tokenizer_fingerprint)
-            self._indexes[str(index)] = opened
-        return self._indexes[str(index)]
+                self._indexes[str(index)] = open_index(str(index), home=self.index_home)
+            index = self._indexes[str(index)]
+        index.check_tokenizer(self.target.tokenizer_fingerprint)
+        return index
 
     def generate(self, prompt: Prompt, **options) -> Generation:
         """Options: those of `stream`."""
