@@ -40,7 +40,6 @@ class SpecConfig:
     enabled: bool = True
     max_nodes: int = 64  # hard cap on draft-tree nodes verified per step (the pending token excluded)
     min_nodes: int = 0  # 0 lets the budget switch speculation off for a step
-    profile_latency: bool = True  # measure the verify-latency curve at start (cached on disk)
     # context suffix drafter
     max_match: int = 64  # longest suffix match measured, in tokens
     max_occurrences: int = 32  # earlier occurrences of the match turned into tree branches

@@ -11,7 +11,7 @@ from ragspec.bench.experiments import EXPERIMENTS
 from ragspec.bench.peers import DEFAULT_METHODS
 from ragspec.bench.runner import DEFAULT_DATA_DIR, DEFAULT_JSON, DEFAULT_LIMIT, FULL_LIMIT, BenchOptions
 from ragspec.bench.workloads import DEFAULT_WORKLOADS, FULL_WORKLOADS
-from ragspec.errors import RagspecError
+from ragspec.cli_support import library_errors
 
 
 @click.command("bench")
@@ -37,6 +37,7 @@ from ragspec.errors import RagspecError
 @click.option("--full", is_flag=True,
               help="All Spec-Bench categories, mt_redundant, long documents, RAG workloads and both experiments.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
+@library_errors
 def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_context_tokens, dtype, model,
                   json_path, experiments, full, no_plots) -> None:
     """Benchmark ragspec against plain decoding and transformers' generate on real prompts.
@@ -46,24 +47,21 @@ def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_conte
     from ragspec.bench.runner import run_benchmark
 
     _log_progress_to_stderr()
-    try:
-        options = BenchOptions(
-            workloads=tuple(workloads) or (FULL_WORKLOADS if full else DEFAULT_WORKLOADS),
-            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-            data_dir=data_dir,
-            limit=limit or (FULL_LIMIT if full else DEFAULT_LIMIT),
-            max_new_tokens=max_new_tokens,
-            max_context_tokens=max_context_tokens,
-            dtype=dtype,
-            model=model,
-            json_path=json_path,
-            plots=not no_plots,
-            experiments=tuple(experiments) or (EXPERIMENTS if full else ()),
-            experiment_limit=limit,  # an explicit --limit also sizes the experiments
-        )
-        report = run_benchmark(options)
-    except RagspecError as exc:
-        raise click.ClickException(str(exc)) from exc
+    options = BenchOptions(
+        workloads=tuple(workloads) or (FULL_WORKLOADS if full else DEFAULT_WORKLOADS),
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        data_dir=data_dir,
+        limit=limit or (FULL_LIMIT if full else DEFAULT_LIMIT),
+        max_new_tokens=max_new_tokens,
+        max_context_tokens=max_context_tokens,
+        dtype=dtype,
+        model=model,
+        json_path=json_path,
+        plots=not no_plots,
+        experiments=tuple(experiments) or (EXPERIMENTS if full else ()),
+        experiment_limit=limit,  # an explicit --limit also sizes the experiments
+    )
+    report = run_benchmark(options)
     for name, entry in report["summary"].items():
         speedup = entry["geomean_speedup_vs_ragspec_ar"]
         click.echo(f"{name:16s} {entry['tokens_per_s']:7.1f} tok/s  "

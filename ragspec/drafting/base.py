@@ -72,6 +72,12 @@ class AcceptanceEstimate:
         trials = self._trials.get(bucket)
         return self._default if trials is None else self._hits[bucket] / trials
 
+    def learn(self, tree: DraftTree, buckets: list, step: StepResult) -> None:
+        """Update from one verify: buckets[i] is the bucket of the drafter's own node i."""
+        tested, correct = judge_own_tree(tree, target_continuation(step))
+        for node in np.flatnonzero(tested).tolist():
+            self.update(buckets[node], 1, int(correct[node]))
+
     def update(self, bucket: object, tested: int, correct: int) -> None:
         if bucket not in self._trials:
             self._hits[bucket] = self._default * self._strength

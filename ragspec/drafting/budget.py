@@ -56,7 +56,7 @@ class NodeBudget:
         return float(np.clip(self._accepted / self._predicted, 0.25, 4.0))
 
     def choose(self, tree: DraftTree, limit: int | None = None) -> int:
-        cap = min(tree.num_nodes, self.max_nodes, self.max_nodes if limit is None else limit)
+        cap = min(tree.num_nodes, self.max_nodes, tree.num_nodes if limit is None else limit)
         if cap <= 0:
             return 0
         best_scores = np.minimum(1.0, tree.scores[best_first_order(tree)[:cap]] * self.calibration)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ragspec.drafting.base import AcceptanceEstimate, judge_own_tree, target_continuation
+from ragspec.drafting.base import AcceptanceEstimate
 from ragspec.drafting.tree import TrieBuilder
 from ragspec.types import ROOT, DraftTree, StepResult
 
@@ -84,7 +84,5 @@ class ContinuationDrafter:
     def observe(self, step: StepResult) -> None:
         if self._last_tree is None:
             return
-        tested, correct = judge_own_tree(self._last_tree, target_continuation(step))
-        for node in np.flatnonzero(tested).tolist():
-            self.estimate.update(self._last_buckets[node], 1, int(correct[node]))
+        self.estimate.learn(self._last_tree, self._last_buckets, step)
         self._last_tree = None

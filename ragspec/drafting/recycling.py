@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ragspec.drafting.base import AcceptanceEstimate, DraftContext, judge_own_tree, target_continuation
+from ragspec.drafting.base import AcceptanceEstimate, DraftContext
 from ragspec.drafting.tree import TrieBuilder
 from ragspec.types import ROOT, DraftTree, StepResult
 
@@ -78,9 +78,7 @@ class TokenRecyclingDrafter:
         top = torch.topk(step.logits, TOP_K, dim=-1).indices.to("cpu", torch.int32).numpy()  # [rows, k]
         self.successors[rows] = top
         if self._last_tree is not None:
-            tested, correct = judge_own_tree(self._last_tree, target_continuation(step))
-            for node in np.flatnonzero(tested).tolist():
-                self.estimate.update(self._last_buckets[node], 1, int(correct[node]))
+            self.estimate.learn(self._last_tree, self._last_buckets, step)
             self._last_tree = None
 
     def finish_request(self, prompt_ids, generated_ids) -> None:

@@ -7,6 +7,8 @@ vectorised hashing pass. Hash collisions are harmless: every match is re-checked
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 NGRAM_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -23,32 +25,51 @@ def ngram_hashes(tokens: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
     return hashes
 
 
-class NgramIndex:
-    def __init__(self, sizes: tuple[int, ...] = NGRAM_SIZES):
-        self.sizes = tuple(sorted(sizes))
-        self._followers: dict[int, dict[int, list[int]]] = {n: {} for n in self.sizes}
-        self._data = np.zeros(256, dtype=np.int64)
+class TokenBuffer:
+    """Growable int64 array of the request's tokens: committed ones, then the pending one."""
+
+    def __init__(self, tokens: Sequence[int]):
+        self._data = np.zeros(max(64, 2 * len(tokens)), dtype=np.int64)
         self._length = 0
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        end = self._length + len(tokens)
+        if end > len(self._data):
+            self._data = np.concatenate([self._data, np.zeros(end, dtype=np.int64)])
+        self._data[self._length : end] = tokens
+        self._length = end
+
+    def view(self) -> np.ndarray:
+        return self._data[: self._length]
 
     def __len__(self) -> int:
         return self._length
 
+
+class NgramIndex:
+    def __init__(self, sizes: tuple[int, ...] = NGRAM_SIZES):
+        self.sizes = tuple(sorted(sizes))
+        self._followers: dict[int, dict[int, list[int]]] = {n: {} for n in self.sizes}
+        self._buffer = TokenBuffer([])
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
     @property
     def tokens(self) -> np.ndarray:
-        return self._data[: self._length]
+        return self._buffer.view()
 
     def extend(self, tokens: np.ndarray | list[int]) -> None:
         """Append tokens; each new position p is indexed under the n-grams that end right before it."""
-        start, end = self._length, self._length + len(tokens)
-        if end > len(self._data):
-            self._data = np.concatenate([self._data, np.zeros(end, dtype=np.int64)])
-        self._data[start:end] = tokens
-        self._length = end
-        positions = np.arange(max(start, 1), end)
+        start = len(self._buffer)
+        self._buffer.extend(tokens)
+        positions = np.arange(max(start, 1), len(self._buffer))
+        data = self._buffer.view()
         for n in self.sizes:
             valid = positions[positions >= n]
             table = self._followers[n]
-            for key, position in zip(ngram_hashes(self._data, valid, n).tolist(), valid.tolist()):
+            for key, position in zip(ngram_hashes(data, valid, n).tolist(), valid.tolist()):
                 followers = table.get(key)
                 if followers is None:
                     table[key] = [position]

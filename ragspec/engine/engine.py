@@ -33,12 +33,12 @@ class Generation:
     sources: list = field(default_factory=list)  # RetrievedChunks of a RAG request, best first
 
 
-@dataclass
 class TextStream:
     """Iterate for text pieces; `result` holds the whole Generation once iteration ends."""
 
-    _pieces: Iterator[str]
-    result: Generation | None = field(default=None)
+    def __init__(self, pieces_of: Callable[["TextStream"], Iterator[str]]):
+        self.result: Generation | None = None
+        self._pieces = pieces_of(self)  # the generator sets `result` when it finishes
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
@@ -140,9 +140,7 @@ class Engine:
         self._check_fits(prompt_ids)
         use_spec = self.spec.enabled if speculative is None else speculative
         drafters = self._request_drafters(index, rag) if use_spec else []
-        stream = TextStream(iter(()))
-        stream._pieces = self._run(prompt_ids, sampling, max_new_tokens, list(stop), drafters, rag, stream)
-        return stream
+        return TextStream(lambda stream: self._run(prompt_ids, sampling, max_new_tokens, list(stop), drafters, rag, stream))
 
     def _check_fits(self, prompt_ids: list[int]) -> None:
         limit = self.target.context_length

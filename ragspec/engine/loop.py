@@ -6,39 +6,17 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from ragspec.config import SamplingConfig
 from ragspec.drafting.base import DraftContext, Drafter
 from ragspec.drafting.budget import NodeBudget
+from ragspec.drafting.suffix_index import TokenBuffer
 from ragspec.drafting.tree import fuse, prune
 from ragspec.models import LoadedModel
 from ragspec.sampling import accept_greedy, accept_sampled
 from ragspec.types import DraftTree, SpecStats, StepResult
 from ragspec.verify import TreeVerifier
-
-
-class TokenBuffer:
-    """Growable int64 array of the request's tokens: committed ones, then the pending one."""
-
-    def __init__(self, tokens: Sequence[int]):
-        self._data = np.zeros(max(64, 2 * len(tokens)), dtype=np.int64)
-        self._length = 0
-        self.extend(tokens)
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        end = self._length + len(tokens)
-        if end > len(self._data):
-            self._data = np.concatenate([self._data, np.zeros(end, dtype=np.int64)])
-        self._data[self._length : end] = tokens
-        self._length = end
-
-    def view(self) -> np.ndarray:
-        return self._data[: self._length]
-
-    def __len__(self) -> int:
-        return self._length
 
 
 def _timed_propose(drafter: Drafter, context: DraftContext, stats: SpecStats) -> DraftTree:
