@@ -13,17 +13,21 @@ from ragspec.drafting.base import AcceptanceEstimate
 from ragspec.drafting.tree import TrieBuilder
 from ragspec.types import ROOT, DraftTree, StepResult
 
-# Prior P(draft token correct | parent correct) by match-length bucket, before any evidence.
-_PRIOR_BY_MATCH = {0: 0.2, 1: 0.3, 2: 0.4, 3: 0.5, 4: 0.6, 5: 0.7, 6: 0.8}
+# Prior P(draft token correct | parent correct) by match-length bucket, for a node every
+# occurrence agrees on, and the middle of each share bucket; their product is the prior.
+_PRIOR_BY_MATCH = {0: 0.2, 1: 0.3, 2: 0.4, 3: 0.5, 4: 0.6, 5: 0.7, 6: 0.8, 7: 0.85}
+_SHARE_EDGES = (0.95, 0.6, 0.3, 0.1)  # share bucket 0 is >= 0.95, 1 is >= 0.6, ... 4 below 0.1
+_SHARE_MIDDLES = (1.0, 0.75, 0.45, 0.2, 0.05)
 
 
 def match_bucket(match_length: int) -> int:
-    """0 for 1 token, 1 for 2, 2 for 3-4, 3 for 5-8, 4 for 9-16, 5 for 17-32, 6 beyond."""
-    return min(6, int(np.ceil(np.log2(max(match_length, 1)))))
+    """0 for 1 token, 1 for 2, 2 for 3-4, 3 for 5-8, 4 for 9-16, 5 for 17-32, 6 for 33-64, 7 beyond."""
+    return min(7, int(np.ceil(np.log2(max(match_length, 1)))))
 
 
-def depth_bucket(depth: int) -> int:
-    return min(3, int(np.ceil(np.log2(max(depth, 1)))))
+def share_bucket(share: float) -> int:
+    """Bucket of the share of the parent's occurrences that go on to a node."""
+    return next((i for i, edge in enumerate(_SHARE_EDGES) if share >= edge), len(_SHARE_EDGES))
 
 
 def draft_depth(match_length: int, max_depth: int) -> int:
@@ -31,10 +35,10 @@ def draft_depth(match_length: int, max_depth: int) -> int:
     return min(max_depth, 1 + 2 * match_length)
 
 
-def new_match_estimate(prior_scale: float = 1.0) -> AcceptanceEstimate:
-    """P(correct | parent correct) per (match bucket, depth bucket), from the prior."""
+def new_match_estimate() -> AcceptanceEstimate:
+    """P(correct | parent correct) per (match bucket, share bucket), from the prior."""
     return AcceptanceEstimate(
-        {(m, d): min(0.9, prior_scale * (p + 0.1 * (d > 0))) for m, p in _PRIOR_BY_MATCH.items() for d in range(4)}
+        {(m, s): p * middle for m, p in _PRIOR_BY_MATCH.items() for s, middle in enumerate(_SHARE_MIDDLES)}
     )
 
 
@@ -50,8 +54,14 @@ class ContinuationDrafter:
 
     def tree_from(self, continuations: list[np.ndarray], match_lengths: np.ndarray) -> DraftTree:
         """Weigh continuations in a trie (match length squared per occurrence), then score:
-        P(node) = P(parent) * share of the parent's weight that goes on to this token
-                  * learned P(correct | parent correct) for its match length and depth."""
+        P(node) = P(parent) * learned P(correct | parent correct) for its bucket: the match
+        length it continues and the share of the parent's weight that goes on to its token.
+
+        A node at depth d under an occurrence that matched m tokens continues a match of
+        m + d - 1 tokens once its ancestors are accepted: the longer the match, the likelier the
+        next token, so a long copy streak earns a deep draft. The rate is learned per share
+        bucket rather than multiplied by the share, since the learned rate already averages
+        over siblings: a majority continuation is right far more often than its share says."""
         weights = TrieBuilder()  # scores hold summed weights while counting
         best_match: list[int] = []
         for tokens, match in zip(continuations, match_lengths.tolist()):
@@ -69,8 +79,9 @@ class ContinuationDrafter:
             depth = 1 if parent == ROOT else depths[parent] + 1
             parent_weight = root_weight if parent == ROOT else weights.scores[parent]
             parent_score = 1.0 if parent == ROOT else scores[parent]
-            bucket = (match_bucket(best_match[node]), depth_bucket(depth))
-            scores.append(parent_score * weights.scores[node] / parent_weight * self.estimate.rate(bucket))
+            share = weights.scores[node] / parent_weight
+            bucket = (match_bucket(best_match[node] + depth - 1), share_bucket(share))
+            scores.append(parent_score * self.estimate.rate(bucket))
             buckets.append(bucket)
             depths.append(depth)
         weights.scores = scores
