@@ -178,3 +178,46 @@ def test_end_to_end_report_on_a_tiny_model(tiny_engine, data_dir: Path, tmp_path
     assert "## spec_bench:rag" in markdown and "| ragspec |" in markdown and "## Summary" in markdown
     for png in ("speedup.png", "acceptance_hist.png"):
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fp32_judge_measures_the_top2_gap_at_the_first_difference(tiny_engine) -> None:
+    import torch
+
+    from ragspec.bench.divergence import EOS, NOISE_GAP, Fp32Judge, first_difference
+
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 9], [1, 2, 3]) == 2
+    assert first_difference([1, 2], [1, 2, 3]) == 2  # the method stopped (EOS) where the reference went on
+    target = tiny_engine.target
+    judge = Fp32Judge(lambda: target)
+    prompt = [5, 17, 42, 8]
+    assert judge.check(prompt, [7, 7, 7], [7, 7, 7]) is None
+    check = judge.check(prompt, [7, 9], [7, 11, 12])
+    with torch.inference_mode():
+        logits = target.model(input_ids=torch.tensor([[*prompt, 7]])).logits[0, -1]
+    top = torch.topk(logits, 2)
+    assert check.position == 1 and check.reference_token == 11 and check.method_token == 9
+    assert check.top2_gap_fp32 == pytest.approx(float(top.values[0] - top.values[1]), abs=1e-5)
+    assert check.fp32_token == int(top.indices[0])
+    assert check.suspect == (check.top2_gap_fp32 > NOISE_GAP)
+    assert judge.check(prompt, [7], [7, 11]).method_token == EOS
+
+
+def test_bf16_report_carries_the_fp32_judgement(tiny_engine) -> None:
+    from ragspec.bench.divergence import Fp32Judge
+    from ragspec.bench.report import WorkloadRun, render_markdown, summarize_workload
+    from ragspec.bench.runner import judge_divergences
+
+    outputs = {"ragspec-ar": [MethodOutput([7, 11, 12], 1.0, None), MethodOutput([3], 1.0, None)],
+               "ragspec": [MethodOutput([7, 9], 0.5, None), MethodOutput([3], 0.5, None)]}
+    run = WorkloadRun("w", 3, ["a", "b"], outputs, prompt_ids=[[5, 17, 42, 8], [4, 4]])
+    judged = judge_divergences(run, Fp32Judge(lambda: tiny_engine.target))
+    entry = summarize_workload(judged, "bfloat16")
+    (divergence,) = entry["methods"]["ragspec"]["divergences"]
+    assert divergence["request_id"] == "a" and divergence["position"] == 1
+    assert divergence["top2_gap_fp32"] >= 0 and divergence["suspect"] in (True, False)
+    assert entry["methods"]["ragspec"]["divergence_rate"] == 0.5
+    report = {"model": "tiny", "device": "cpu", "dtype": "bfloat16", "cpu": {"model": "x", "logical_cores": 2},
+              "torch_version": "t", "transformers_version": "t", "created": "now", "workloads": [entry],
+              "summary": {}}
+    assert "ragspec: 1 of 2 outputs diverge from ragspec-ar; fp32 top-2 gaps there: " in render_markdown(report)

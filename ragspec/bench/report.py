@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ragspec.bench.divergence import NOISE_GAP, first_difference
 from ragspec.bench.peers import REFERENCE_METHOD, SPECULATIVE_METHOD, MethodOutput
 from ragspec.types import SpecStats
 
@@ -25,8 +26,10 @@ log = logging.getLogger(__name__)
 
 PLD_METHOD = "hf-pld"
 DIVERGENCE_NOTE = (
-    "position = index of the first generated token that differs from ragspec-ar; the fp32 top-2 "
-    "logit gap there is not recomputed (top2_gap_fp32 is null)"
+    "position = index of the first generated token that differs from ragspec-ar; top2_gap_fp32 = the "
+    "fp32 model's top-1 minus top-2 logit there, recomputed over the prompt and the agreed tokens "
+    f"(null in fp32 runs, where any divergence is a bug); suspect = gap above {NOISE_GAP}, more than "
+    "bf16 rounding explains"
 )
 
 
@@ -37,6 +40,8 @@ class WorkloadRun:
     request_ids: list[str]
     outputs: dict[str, list[MethodOutput]]  # method -> one output per request, same order
     extra: dict = field(default_factory=dict)  # RAG workloads: the entry's "index" and "drafting"
+    prompt_ids: list[list[int]] = field(default_factory=list)  # [requests] the measured prompts
+    checks: dict[str, dict[int, dict]] = field(default_factory=dict)  # method -> prompt index -> DivergenceCheck dict
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ def summarize_workload(run: WorkloadRun, dtype: str) -> dict:
         if reference is None:
             metrics["identical_outputs"] = None
             continue
-        divergences = find_divergences(run.outputs[name], reference, run.request_ids)
+        divergences = find_divergences(run.outputs[name], reference, run.request_ids, run.checks.get(name))
         metrics["identical_outputs"] = not divergences
         if name != REFERENCE_METHOD and dtype != "float32":  # fp32 must match exactly; others report
             metrics["divergences"] = divergences
@@ -136,18 +141,18 @@ def _ratio(metrics: dict, base: dict | None) -> float | None:
     return metrics["tokens_per_s"] / base["tokens_per_s"]
 
 
-def find_divergences(outputs: list[MethodOutput], reference: list[MethodOutput], request_ids: list[str]) -> list[dict]:
-    """Prompts whose greedy output differs from the reference, with the first differing position."""
+def find_divergences(outputs: list[MethodOutput], reference: list[MethodOutput], request_ids: list[str],
+                     checks: dict[int, dict] | None = None) -> list[dict]:
+    """Prompts whose greedy output differs from the reference: the first differing position, and
+    the fp32 judgement of it where `checks` (prompt index -> DivergenceCheck dict) has one."""
     found = []
     for index, (out, ref) in enumerate(zip(outputs, reference)):
-        if out.token_ids == ref.token_ids:
+        position = first_difference(out.token_ids, ref.token_ids)
+        if position is None:
             continue
-        position = next(
-            (i for i, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)) if a != b),
-            min(len(out.token_ids), len(ref.token_ids)),
-        )
-        found.append({"prompt_index": index, "request_id": request_ids[index], "position": position,
-                      "top2_gap_fp32": None})
+        entry = {"prompt_index": index, "request_id": request_ids[index], "position": position,
+                 "top2_gap_fp32": None, "suspect": None}
+        found.append({**entry, **(checks or {}).get(index, {})})
     return found
 
 
@@ -231,6 +236,7 @@ def render_markdown(report: dict) -> str:
                   f"max_new_tokens {workload['max_new_tokens']})", "", *_method_table(workload["methods"]), ""]
         if "index" in workload:
             lines += [rag_line(workload), ""]
+        lines += divergence_lines(workload["methods"])
     lines += ["## Summary", "", "| method | geomean speedup vs ragspec-ar | tok/s overall | identical |",
               "|---|---:|---:|---|"]
     for name, entry in report["summary"].items():
@@ -251,6 +257,21 @@ def rag_line(workload: dict) -> str:
             f"{_fmt(index['bytes_per_token'])} bytes/token; retrieval (k={index['k']}) p50 "
             f"{_fmt(index['retrieval_p50_ms'])} ms, p99 {_fmt(index['retrieval_p99_ms'])} ms; datastore scope "
             f"{index['datastore_scope']}; draft ms p50/p99: {latency or '—'}; accepted tokens: {accepted or '—'}.")
+
+
+def divergence_lines(methods: dict) -> list[str]:
+    """One line per method whose outputs left ragspec-ar's (bf16 runs), with the fp32 gaps there."""
+    lines = []
+    for name, metrics in methods.items():
+        divergences = metrics.get("divergences")
+        if not divergences:
+            continue
+        gaps = [d["top2_gap_fp32"] for d in divergences if d["top2_gap_fp32"] is not None]
+        suspects = sum(bool(d["suspect"]) for d in divergences)
+        lines += [f"{name}: {len(divergences)} of {len(divergences) / metrics['divergence_rate']:.0f} outputs "
+                  f"diverge from ragspec-ar; fp32 top-2 gaps there: "
+                  f"{', '.join(f'{g:.2f}' for g in gaps) or '—'}; {suspects} above the {NOISE_GAP} noise bound.", ""]
+    return lines
 
 
 def experiment_lines(experiments: dict) -> list[str]:

@@ -11,6 +11,7 @@ RAG workloads (rag:...) build their index into a temporary home that the run rem
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import tempfile
@@ -18,8 +19,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ragspec.bench.divergence import Fp32Judge
 from ragspec.bench.experiments import EXPERIMENTS, run_experiment
-from ragspec.bench.peers import DEFAULT_METHODS, Method, MethodOutput, PreparedRequest, build_methods
+from ragspec.bench.peers import (
+    DEFAULT_METHODS,
+    REFERENCE_METHOD,
+    Method,
+    MethodOutput,
+    PreparedRequest,
+    build_methods,
+)
 from ragspec.bench.rag import RagRun
 from ragspec.bench.report import RunMetadata, WorkloadRun, build_report, write_report
 from ragspec.bench.workloads import (
@@ -33,7 +42,7 @@ from ragspec.bench.workloads import (
 from ragspec.drafting.budget import measure_latency_curve
 from ragspec.engine import Engine
 from ragspec.errors import ConfigError
-from ragspec.models import LoadedModel, load_model
+from ragspec.models import EMBEDDED_MODEL, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +92,11 @@ def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = N
     if options.warmup:
         warm_up(methods, engine)
     meta, runs = RunMetadata.collect(engine, options), []
+    judge = None if meta.dtype == "float32" else fp32_judge(engine, options)
     with tempfile.TemporaryDirectory(prefix="ragspec-bench-indexes-") as index_home:  # RAG indexes, one a workload
         for workload in workloads:
-            runs.append(run_workload(workload, methods, engine, options.max_new_tokens, index_home))
+            run = run_workload(workload, methods, engine, options.max_new_tokens, index_home)
+            runs.append(judge_divergences(run, judge) if judge else run)
             # partial report, so an interrupted run keeps its numbers
             write_report(build_report(meta, runs), Path(options.json_path), plots=False)
     experiments = {}
@@ -109,6 +120,28 @@ def _as_engine(engine: Engine | LoadedModel | None, options: BenchOptions) -> En
     curve = measure_latency_curve(target)
     # Learned drafter state starts cold and stays off disk, so runs do not feed each other.
     return Engine(target, latency_curve=curve, persist_state=False)
+
+
+def fp32_judge(engine: Engine, options: BenchOptions) -> Fp32Judge:
+    """Judges bf16 divergences with the same model loaded in fp32 (from its source when known)."""
+    def load() -> LoadedModel:
+        if options.model is not None or engine.target.name == EMBEDDED_MODEL:
+            return load_model(options.model, device=str(engine.target.device), dtype="float32")
+        return dataclasses.replace(engine.target, model=copy.deepcopy(engine.target.model).float())
+
+    return Fp32Judge(load)
+
+
+def judge_divergences(run: WorkloadRun, judge: Fp32Judge) -> WorkloadRun:
+    """The run with an fp32 DivergenceCheck for every output that leaves the reference's."""
+    reference = run.outputs[REFERENCE_METHOD]
+    checks: dict[str, dict[int, dict]] = {}
+    for name, outputs in run.outputs.items():
+        for index, (out, ref) in enumerate(zip(outputs, reference)):
+            check = judge.check(run.prompt_ids[index], out.token_ids, ref.token_ids)
+            if check is not None:
+                checks.setdefault(name, {})[index] = check.as_dict()
+    return dataclasses.replace(run, checks=checks)
 
 
 def load_workloads(options: BenchOptions, engine: Engine) -> list[Workload]:
@@ -153,6 +186,7 @@ def _run_requests(workload: Workload, methods: Sequence[Method], engine: Engine,
                   prepare: Callable[[Request], PreparedRequest]) -> WorkloadRun:
     outputs: dict[str, list[MethodOutput]] = {method.name: [] for method in methods}
     request_ids: list[str] = []
+    prompt_ids: list[list[int]] = []
     total = len(workload.requests)
     for number, request in enumerate(workload.requests, 1):
         prepared = prepare(request)
@@ -162,6 +196,7 @@ def _run_requests(workload: Workload, methods: Sequence[Method], engine: Engine,
                         workload.name, request.request_id, prompt_tokens)
             continue
         request_ids.append(request.request_id)
+        prompt_ids.append(list(prepared.prompt_ids))
         for method in methods:
             out = method.run(prepared.messages, prepared.prompt_ids, max_new_tokens, prepared.rag)
             outputs[method.name].append(out)
@@ -170,7 +205,7 @@ def _run_requests(workload: Workload, methods: Sequence[Method], engine: Engine,
                      out.wall_s, len(out.token_ids) / out.wall_s if out.wall_s > 0 else 0.0)
     if not request_ids:
         raise ConfigError(f"workload {workload.name}: no prompt fits the model's context")
-    return WorkloadRun(workload.name, max_new_tokens, request_ids, outputs)
+    return WorkloadRun(workload.name, max_new_tokens, request_ids, outputs, prompt_ids=prompt_ids)
 
 
 def prepare_messages(engine: Engine, request: Request, max_new_tokens: int) -> list[dict]:
