@@ -136,16 +136,26 @@ def load_model(
             raise ModelNotFound(
                 f"no model at {path}: give an HF model directory (with config.json) or a .gguf file"
             )
-    model, tokenizer = _load_hf_dir(model_dir, target_dtype)
+    model, tokenizer = _load_hf_dir(model_dir, target_dtype, attention_for(target_device))
     return LoadedModel(model=model.to(target_device).eval(), tokenizer=tokenizer, name=name)
 
 
-def _load_hf_dir(model_dir: Path, dtype: torch.dtype):
+def attention_for(device: torch.device) -> str:
+    """SDPA on GPUs; on CPUs, matmul attention for decode and verify steps (SDPA for prefill),
+    which is much faster over long KV caches there (see ragspec.verify.attention)."""
+    if device.type == "cuda":
+        return "sdpa"
+    from ragspec.verify.attention import register
+
+    return register()
+
+
+def _load_hf_dir(model_dir: Path, dtype: torch.dtype, attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
     except (ValueError, KeyError) as exc:
         raise UnsupportedModel(f"cannot load {model_dir} as a causal LM: {exc}") from exc
     except OSError as exc:

@@ -17,7 +17,7 @@ from hypothesis import settings
 
 from ragspec import Engine, LoadedModel
 from ragspec.drafting.budget import LatencyCurve
-from ragspec.models import _dequantised_dir, embedded_model_path
+from ragspec.models import _dequantised_dir, attention_for, embedded_model_path
 
 # Nearly flat: verifying 64 nodes costs about what 1 costs, so the budget speculates a lot.
 FLAT_CURVE = LatencyCurve(rows=(1, 64), seconds=(0.010, 0.0101))
@@ -45,7 +45,8 @@ def tokenizer():
 
 
 def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, max_positions: int = 2048):
-    """A 2-layer random causal LM in float32 with SDPA attention, in eval mode."""
+    """A 2-layer random causal LM in float32, in eval mode, with the attention ragspec picks for
+    the test device (matmul attention for short query blocks on CPU, SDPA on CUDA)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     common = dict(
@@ -62,9 +63,9 @@ def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, max_positions
         tie_word_embeddings=False,
     )
     config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
-    config._attn_implementation = "sdpa"
+    attention = attention_for(torch.device(TEST_DEVICE))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)
     return model.to(TEST_DEVICE).eval()
 
 

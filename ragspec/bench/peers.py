@@ -4,6 +4,8 @@
   ragspec          ragspec with speculation on
   hf-greedy        transformers `model.generate(do_sample=False)`
   hf-pld           transformers prompt lookup decoding (`prompt_lookup_num_tokens=10`)
+                   (both with transformers' stock SDPA attention, as a user's HF setup runs them;
+                   the ragspec methods use the attention ragspec loads models with)
   llamacpp-greedy  llama.cpp on the GGUF file, only when `llama_cpp` is importable
                    (its quantised kernels differ numerically, so identical output is not expected)
 
@@ -13,9 +15,10 @@ themselves (index=, so their wall time includes one search), the others get its 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,6 +35,7 @@ REFERENCE_METHOD = "ragspec-ar"
 SPECULATIVE_METHOD = "ragspec"
 DEFAULT_METHODS = ("ragspec-ar", "ragspec", "hf-greedy", "hf-pld")
 PLD_NUM_TOKENS = 10
+STOCK_ATTENTION = "sdpa"
 
 
 @dataclass(frozen=True)
@@ -117,18 +121,30 @@ class HFGenerateMethod:
         if self.prompt_lookup_num_tokens:
             extra["prompt_lookup_num_tokens"] = self.prompt_lookup_num_tokens
         eos = sorted(target.eos_token_ids)
-        start = time.perf_counter()
-        output = target.model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=eos[0] if eos else None,
-            **extra,
-        )
-        wall_s = time.perf_counter() - start
+        with stock_attention(target.model):
+            start = time.perf_counter()
+            output = target.model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=eos[0] if eos else None,
+                **extra,
+            )
+            wall_s = time.perf_counter() - start
         generated = output[0, len(prompt_ids):].tolist()
         return MethodOutput(token_ids=cut_at_eos(generated, target.eos_token_ids), wall_s=wall_s, stats=None)
+
+
+@contextlib.contextmanager
+def stock_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run `model` with transformers' default SDPA attention inside the block."""
+    loaded_with = model.config._attn_implementation
+    model.set_attn_implementation(STOCK_ATTENTION)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(loaded_with)
 
 
 @dataclass
