@@ -63,10 +63,11 @@ class LoadedModel:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies model + device + dtype, for caches such as the latency curve."""
+        """Identifies model + device + dtype + attention, for caches such as the latency curve."""
         config = self.model.config
         shape = f"{config.model_type}-{getattr(config, 'num_hidden_layers', 0)}-{getattr(config, 'hidden_size', 0)}"
-        return f"{self.name}-{shape}-{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.name}-{shape}-{self.device.type}-{dtype}-{config._attn_implementation}"
 
 
 def cache_dir() -> Path:
