@@ -141,6 +141,14 @@ def test_budget_turns_speculation_off_when_it_does_not_pay():
     assert NodeBudget(STEEP, max_nodes=64, min_nodes=4).choose(low) == 4
 
 
+def test_budget_takes_a_bigger_tree_where_the_curve_dips():
+    # fp32 on a 2-core CPU: 2-3 verify rows cost more than 4 (matmul kernels block rows by 4)
+    dip = LatencyCurve(rows=(1, 2, 3, 4, 8), seconds=(0.065, 0.104, 0.125, 0.090, 0.094))
+    tree = chain([0.5, 0.3, 0.1, 0.02, 0.01])
+    assert NodeBudget(dip, max_nodes=64).choose(tree) == 3  # 4 rows: cheaper than 2 or 3 rows
+    assert NodeBudget(dip, max_nodes=64).choose(tree, limit=2) == 0  # 2 or 3 rows do not pay
+
+
 @given(
     draft_trees(max_nodes=40),
     st.lists(st.floats(0.001, 0.1), min_size=2, max_size=6),
