@@ -48,6 +48,9 @@ class SpecConfig:
     # (the target's own earlier top-k), datastore (the index, for requests that use one)
     drafters: tuple[str, ...] = DRAFTERS
     datastore_scope: str = "retrieved"  # "retrieved" chunks of the request, or the whole "index"
+    # past responses: one store per "index" (requests without one share another), or one "global"
+    # store; with Engine(persist_state=True) a per-index store is saved in the index directory
+    past_scope: str = "index"
 
     def __post_init__(self) -> None:
         if self.max_nodes < 0 or self.min_nodes < 0 or self.min_nodes > self.max_nodes:
@@ -61,3 +64,5 @@ class SpecConfig:
             raise ConfigError(f"unknown drafters {sorted(unknown)}: choose from {', '.join(DRAFTERS)}")
         if self.datastore_scope not in ("retrieved", "index"):
             raise ConfigError(f"datastore_scope must be 'retrieved' or 'index', got {self.datastore_scope!r}")
+        if self.past_scope not in ("index", "global"):
+            raise ConfigError(f"past_scope must be 'index' or 'global', got {self.past_scope!r}")

@@ -485,3 +485,31 @@ def test_real_model_all_drafters_lossless_and_faster_the_second_time(real_engine
     first, second = rounds
     assert second > first, f"asking again did not draft better: {first:.2f} then {second:.2f}"
     assert second > 3.0, f"repeated questions should be drafted nearly whole, got {second:.2f}"
+
+
+def test_past_responses_persist_and_reload(tmp_path):
+    path = tmp_path / "past_responses.npy"
+    prompt, answer = list(range(100, 140)), [7, 8, 9, 7, 8, 10, 11, 12]
+    first = PastResponsesDrafter(state_path=path, vocab_size=1000)
+    first.finish_request(prompt, answer)
+    first.finish_request([200, 201, 202], [300, 301, 302, 303])
+    saved = np.load(path)
+    assert saved.dtype == np.int32 and saved.tolist().count(SEPARATOR) == 2
+    again = PastResponsesDrafter(state_path=path, vocab_size=1000)  # a new process
+    assert again.num_responses == 2
+    query = context([1, 2, *prompt[-PROMPT_TAIL:]])
+    assert node_paths(again.propose(query)) == node_paths(first.propose(query))
+    assert tuple(answer) in set(node_paths(again.propose(query)))
+
+
+@pytest.mark.parametrize("bad", [np.array([1.5, 2.5]), np.array([[1, 2]]), np.array([5, 2000, -1]), b"junk"])
+def test_unusable_past_responses_file_is_ignored(tmp_path, bad):
+    path = tmp_path / "past_responses.npy"
+    if isinstance(bad, bytes):
+        path.write_bytes(bad)
+    else:
+        np.save(path, bad)
+    drafter = PastResponsesDrafter(state_path=path, vocab_size=1000)
+    assert drafter.num_responses == 0
+    drafter.finish_request([1, 2, 3], [4, 5, 6])  # and it starts over, replacing the bad file
+    assert PastResponsesDrafter(state_path=path, vocab_size=1000).num_responses == 1

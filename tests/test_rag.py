@@ -170,3 +170,27 @@ def test_rag_negative_k_is_a_config_error(tiny_llama, home):
     engine = tiny_engine_for(tiny_llama, home)
     with pytest.raises(ConfigError, match="k"):  # today: silently retrieves nothing
         engine.generate("q", index=INDEX, k=-1, max_new_tokens=4)
+
+
+def test_past_responses_persist_with_the_index(tiny_llama, tmp_path, tokenizer):
+    from ragspec.index import add_to_index, verify_index
+    from ragspec.index.store import PAST_RESPONSES_FILE
+
+    texts = [(f"chapter1-{i}", p) for i, p in enumerate(book_paragraphs(12))]
+    build_index_from_texts(texts, "kept", home=tmp_path, tokenizer=tokenizer, chunk_tokens=64, overlap_tokens=8)
+    state = tmp_path / "kept" / PAST_RESPONSES_FILE
+    Engine(tiny_llama, latency_curve=FLAT_CURVE, index_home=tmp_path, persist_state=False).generate(
+        QUESTIONS[0], index="kept", max_new_tokens=MAX_NEW)
+    assert not state.exists(), "persist_state=False keeps the index directory as built"
+    first = Engine(tiny_llama, latency_curve=FLAT_CURVE, index_home=tmp_path)
+    answer = first.generate(QUESTIONS[0], index="kept", max_new_tokens=MAX_NEW)
+    assert state.is_file()
+    verify_index("kept", tmp_path)  # learned state is not part of the checksummed build
+    (tmp_path / "more.txt").write_text(book_paragraphs(14)[-1])
+    add_to_index("kept", [tmp_path / "more.txt"], home=tmp_path, tokenizer=tokenizer, progress=False)
+    assert state.is_file(), "add keeps the stored answers"
+    # a new engine (a new process) drafts the repeated question's answer from the stored one
+    second = Engine(tiny_llama, latency_curve=FLAT_CURVE, index_home=tmp_path, spec=SpecConfig(drafters=("past",)))
+    again = second.generate(QUESTIONS[0], index="kept", max_new_tokens=MAX_NEW)
+    assert again.token_ids == answer.token_ids
+    assert again.stats.accepted_per_source.get("past", 0) >= len(answer.token_ids) // 2

@@ -1,13 +1,18 @@
 """Past-responses drafter (SuffixDecoding's global tree): answers already generated become a
 drafting source for later requests, so repeated or similar questions get faster each time.
 
-One instance per scope (the engine, or one per index). Memory is bounded: past `max_tokens`
-stored tokens, the older half of the responses is evicted and the index rebuilt.
+One instance per scope (SpecConfig.past_scope: one per index, or one for the whole engine).
+Memory is bounded: past `max_tokens` stored tokens, the older half of the responses is evicted
+and the index rebuilt. With a `state_path` (the index's `past_responses.npy`, see
+indexes/README.md) the stored responses are loaded at start and saved after every request, so
+a new process drafts from what earlier ones answered.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 
@@ -18,18 +23,24 @@ from ragspec.drafting.suffix_index import SEPARATOR, NgramIndex
 from ragspec.types import DraftTree
 
 
+log = logging.getLogger(__name__)
+
 PROMPT_TAIL = 32  # prompt tokens kept in front of each stored answer
 
 
 class PastResponsesDrafter(ContinuationDrafter):
     name = "past"
 
-    def __init__(self, config: SpecConfig | None = None, max_tokens: int = 200_000):
+    def __init__(self, config: SpecConfig | None = None, max_tokens: int = 200_000,
+                 state_path: Path | None = None, vocab_size: int | None = None):
         super().__init__()
         self.config = config or SpecConfig()
         self.max_tokens = max_tokens
+        self.state_path = state_path
         self._responses: deque[np.ndarray] = deque()
         self.index = NgramIndex()
+        for response in self._load(vocab_size):
+            self.remember(response)
 
     @property
     def num_responses(self) -> int:
@@ -69,3 +80,34 @@ class PastResponsesDrafter(ContinuationDrafter):
         """Store the answer behind the end of its prompt, so the same question asked again
         matches on the question itself and drafts the answer from its first token."""
         self.remember([*prompt_ids[-PROMPT_TAIL:], *generated_ids])
+        if self.state_path is not None:
+            self._save()
+
+    def _save(self) -> None:
+        """All stored responses, each behind a SEPARATOR, as one int32 array (atomic replace)."""
+        parts = [np.concatenate([[SEPARATOR], r]) for r in self._responses]
+        tokens = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
+        tmp = self.state_path.with_suffix(".tmp.npy")
+        try:
+            np.save(tmp, tokens)
+            tmp.replace(self.state_path)
+        except OSError as exc:  # a read-only index still serves; it just does not learn across processes
+            log.warning("cannot save past responses to %s: %s", self.state_path, exc)
+
+    def _load(self, vocab_size: int | None) -> list[np.ndarray]:
+        if self.state_path is None or not self.state_path.is_file():
+            return []
+        try:
+            tokens = np.load(self.state_path)
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable past responses %s: %s", self.state_path, exc)
+            return []
+        high = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
+        valid = tokens.ndim == 1 and tokens.dtype.kind == "i"
+        if valid and len(tokens):
+            valid = tokens.min() >= SEPARATOR and tokens.max() < high
+        if not valid:
+            log.warning("ignoring %s: not a 1-D array of token ids below %d and separators", self.state_path, high)
+            return []
+        pieces = np.split(tokens.astype(np.int64), np.flatnonzero(tokens == SEPARATOR))
+        return [piece[piece != SEPARATOR] for piece in pieces if len(piece) > 1]

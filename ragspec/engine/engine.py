@@ -66,7 +66,8 @@ class Engine:
         persist_state: bool = True,
     ):
         """`drafter_factories` replaces the built-in drafters chosen by `spec.drafters`;
-        `persist_state=False` keeps learned drafter state (the recycling matrix) off disk."""
+        `persist_state=False` keeps learned drafter state off disk (the recycling matrix in the
+        cache dir, past responses in each index directory)."""
         self.target = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.spec = spec or SpecConfig()
         self.drafter_factories = list(drafter_factories or [])
@@ -159,7 +160,7 @@ class Engine:
         if "context" in names:
             drafters.append(ContextSuffixDrafter(self.spec, self._shared_item("context-estimate", new_match_estimate)))
         if "past" in names:
-            drafters.append(self._shared_item(f"past:{index or ''}", self._new_past_drafter))
+            drafters.append(self._past_drafter(index if self.spec.past_scope == "index" else None))
         if "recycling" in names:
             drafters.append(self._shared_item("recycling", self._new_recycling_drafter))
         if "datastore" in names and rag is not None:
@@ -175,10 +176,16 @@ class Engine:
             self._shared[key] = make()
         return self._shared[key]
 
-    def _new_past_drafter(self):
+    def _past_drafter(self, index):
+        """The past-responses store of `index` (None: the one for requests without an index)."""
         from ragspec.drafting.past_responses import PastResponsesDrafter
+        from ragspec.index.store import PAST_RESPONSES_FILE
 
-        return PastResponsesDrafter(self.spec)
+        path = self.open_index(index).path if index is not None else None
+        state = path / PAST_RESPONSES_FILE if path is not None and self.persist_state else None
+        vocab_size = int(self.target.model.config.vocab_size)
+        return self._shared_item(f"past:{path or ''}", lambda: PastResponsesDrafter(self.spec, state_path=state,
+                                                                                   vocab_size=vocab_size))
 
     def _new_recycling_drafter(self):
         from ragspec.drafting.recycling import TokenRecyclingDrafter

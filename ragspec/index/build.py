@@ -228,6 +228,8 @@ def add_to_index(name: str, paths: list[Path], home=None, tokenizer=None, progre
     tmp = Path(tempfile.mkdtemp(dir=index.path.parent, prefix=f".tmp-{index.name}-"))
     try:
         shutil.copy2(index.path / store.META_FILE, tmp / store.META_FILE)
+        if (index.path / store.PAST_RESPONSES_FILE).is_file():
+            shutil.copy2(index.path / store.PAST_RESPONSES_FILE, tmp / store.PAST_RESPONSES_FILE)
         db = store.connect(tmp / store.META_FILE, writable=True)
         _insert_rows(db, documents, chunks, spans, index.num_documents, index.num_chunks)
         _write_arrays(tmp, tokens, dense, progress)

@@ -23,6 +23,9 @@ DENSE_FILE = "dense.faiss"
 TOKENS_FILE = "tokens.npy"
 SUFFIX_FILE = "suffix.npy"
 CHECKSUMMED_FILES = (DENSE_FILE, TOKENS_FILE, SUFFIX_FILE)  # meta.sqlite: PRAGMA integrity_check
+# Learned state, not part of the build (so not checksummed): answers given through the index,
+# written by engines with persist_state; `add` carries it over, a rebuild starts without it.
+PAST_RESPONSES_FILE = "past_responses.npy"
 REBUILD_HINT = "rebuild it with `ragspec index build`"
 
 
