@@ -65,7 +65,8 @@ def main() -> None:
     args = parser.parse_args()
 
     print("loading the embedded model ...", flush=True)
-    engine = Engine(index_home=args.home)
+    # Learned drafter state stays in memory: a rerun must not draft these answers from the last run.
+    engine = Engine(index_home=args.home, persist_state=False)
     engine.budget()  # profile the verify-latency curve now, not inside the first timing
     print(f"model {engine.target.name} on {engine.target.device}, {engine.target.dtype}\n")
     passages, questions = rag_questions(args.data_dir)
