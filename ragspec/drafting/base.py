@@ -7,6 +7,7 @@ A drafter never touches the target. Two verbs: `propose(context) -> DraftTree` a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +30,14 @@ class Drafter(Protocol):
     def propose(self, context: DraftContext) -> DraftTree: ...
 
     def observe(self, step: StepResult) -> None: ...
+
+
+def save_state(path: Path, array: np.ndarray) -> None:
+    """Save a drafter's learned state as .npy by atomic replace: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
 
 
 def target_continuation(step: StepResult) -> list[int]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ragspec.config import SpecConfig
-from ragspec.drafting.base import DraftContext
+from ragspec.drafting.base import DraftContext, save_state
 from ragspec.drafting.continuations import ContinuationDrafter, draft_depth
 from ragspec.drafting.suffix_index import SEPARATOR, NgramIndex
 from ragspec.types import DraftTree
@@ -87,10 +87,8 @@ class PastResponsesDrafter(ContinuationDrafter):
         """All stored responses, each behind a SEPARATOR, as one int32 array (atomic replace)."""
         parts = [np.concatenate([[SEPARATOR], r]) for r in self._responses]
         tokens = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
-        tmp = self.state_path.with_suffix(".tmp.npy")
         try:
-            np.save(tmp, tokens)
-            tmp.replace(self.state_path)
+            save_state(self.state_path, tokens)
         except OSError as exc:  # a read-only index still serves; it just does not learn across processes
             log.warning("cannot save past responses to %s: %s", self.state_path, exc)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ragspec.drafting.base import AcceptanceEstimate, DraftContext
+from ragspec.drafting.base import AcceptanceEstimate, DraftContext, save_state
 from ragspec.drafting.tree import TrieBuilder
 from ragspec.types import ROOT, DraftTree, StepResult
 
@@ -83,10 +83,7 @@ class TokenRecyclingDrafter:
 
     def finish_request(self, prompt_ids, generated_ids) -> None:
         if self.state_path is not None:
-            self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.state_path.with_suffix(".tmp.npy")
-            np.save(tmp, self.successors)
-            tmp.replace(self.state_path)
+            save_state(self.state_path, self.successors)
 
     def _load(self, vocab_size: int) -> np.ndarray:
         if self.state_path is not None and self.state_path.is_file():
