@@ -230,7 +230,14 @@ def render_markdown(report: dict) -> str:
         f"({report['cpu']['logical_cores']} cores), torch {report['torch_version']}, "
         f"transformers {report['transformers_version']}, {report['created']}",
         "",
+        "tok/s: generated tokens over the whole request (prefill included); decode tok/s leaves the "
+        "prefill out (engine methods only).",
+        "",
     ]
+    if report["dtype"] != "float32":
+        lines += [f"In {report['dtype']} a method's output can leave ragspec-ar's at a near-tie (listed under "
+                  "each table), so methods may compare different texts of different lengths: read tok/s with "
+                  "the tokens column, and the fp32 report for exact comparisons.", ""]
     for workload in report["workloads"]:
         lines += [f"## {workload['name']} ({workload['num_prompts']} prompts, "
                   f"max_new_tokens {workload['max_new_tokens']})", "", *_method_table(workload["methods"]), ""]
@@ -302,11 +309,12 @@ def experiment_lines(experiments: dict) -> list[str]:
 
 
 def _method_table(methods: dict) -> list[str]:
-    rows = ["| method | tok/s | speedup vs ragspec-ar | speedup vs hf-pld | mean acceptance length | identical |",
-            "|---|---:|---:|---:|---:|---|"]
+    rows = ["| method | tok/s | speedup vs ragspec-ar | speedup vs hf-pld | mean acceptance length | "
+            "decode tok/s | tokens | identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in methods.items():
         rows.append(f"| {name} | {_fmt(m['tokens_per_s'])} | {_fmt(m['speedup_vs_ragspec_ar'], 'x')} | "
                     f"{_fmt(m['speedup_vs_hf_pld'], 'x')} | {_fmt(m['mean_acceptance_length'])} | "
+                    f"{_fmt(m['decode_tokens_per_s'])} | {m['num_generated_tokens']} | "
                     f"{_fmt_bool(m['identical_outputs'])} |")
     return rows
 
