@@ -142,16 +142,16 @@ def load_model(
 
 
 def attention_for(device: torch.device) -> str:
-    """SDPA on GPUs; on CPUs, matmul attention for decode and verify steps (SDPA for prefill),
-    which is much faster over long KV caches there (see ragspec.verify.attention)."""
-    if device.type == "cuda":
+    """On CPUs, matmul attention for decode and verify steps (SDPA for prefill), much faster over
+    long KV caches there (see ragspec.verify.attention); SDPA elsewhere."""
+    if device.type != "cpu":
         return "sdpa"
     from ragspec.verify.attention import register
 
     return register()
 
 
-def _load_hf_dir(model_dir: Path, dtype: torch.dtype, attention: str = "sdpa"):
+def _load_hf_dir(model_dir: Path, dtype: torch.dtype, attention: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -183,9 +183,11 @@ class Engine:
 
         path = self.open_index(index).path if index is not None else None
         state = path / PAST_RESPONSES_FILE if path is not None and self.persist_state else None
-        vocab_size = int(self.target.model.config.vocab_size)
-        return self._shared_item(f"past:{path or ''}", lambda: PastResponsesDrafter(self.spec, state_path=state,
-                                                                                   vocab_size=vocab_size))
+
+        def make() -> PastResponsesDrafter:
+            return PastResponsesDrafter(self.spec, state_path=state, vocab_size=int(self.target.model.config.vocab_size))
+
+        return self._shared_item(f"past:{path or ''}", make)
 
     def _new_recycling_drafter(self):
         from ragspec.drafting.recycling import TokenRecyclingDrafter
