@@ -172,9 +172,11 @@ def test_rag_negative_k_is_a_config_error(tiny_llama, home):
         engine.generate("q", index=INDEX, k=-1, max_new_tokens=4)
 
 
-def test_past_responses_persist_with_the_index(tiny_llama, tmp_path, tokenizer):
+def test_past_responses_persist_with_the_index(tiny_llama, tmp_path, tokenizer, monkeypatch):
     from ragspec.index import add_to_index, verify_index
     from ragspec.index.store import PAST_RESPONSES_FILE
+
+    monkeypatch.setenv("RAGSPEC_CACHE_DIR", str(tmp_path / "cache"))  # the recycling matrix persists too
 
     texts = [(f"chapter1-{i}", p) for i, p in enumerate(book_paragraphs(12))]
     build_index_from_texts(texts, "kept", home=tmp_path, tokenizer=tokenizer, chunk_tokens=64, overlap_tokens=8)
