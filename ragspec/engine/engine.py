@@ -136,7 +136,8 @@ class Engine:
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        rag = build_rag_prompt(self.open_index(index), prompt, k, rag_template) if index is not None else None
+        index = self.open_index(index) if index is not None else None
+        rag = build_rag_prompt(index, prompt, k, rag_template) if index is not None else None
         prompt_ids = self.encode(rag.messages if rag else prompt)
         self._check_fits(prompt_ids)
         use_spec = self.spec.enabled if speculative is None else speculative
@@ -154,6 +155,7 @@ class Engine:
             )
 
     def _request_drafters(self, index, rag: RagPrompt | None) -> list[Drafter]:
+        """`index`: the request's opened Index, or None."""
         if self.drafter_factories:
             return [d for factory in self.drafter_factories for d in factory(self)]
         names, drafters = self.spec.drafters, []
@@ -168,7 +170,7 @@ class Engine:
 
             scope = rag.token_ranges if self.spec.datastore_scope == "retrieved" else None
             estimate = self._shared_item("datastore-estimate", new_match_estimate)
-            drafters.append(DatastoreDrafter(self.open_index(index).datastore, scope, self.spec, estimate))
+            drafters.append(DatastoreDrafter(index.datastore, scope, self.spec, estimate))
         return drafters
 
     def _shared_item(self, key: str, make: Callable[[], object]):
@@ -177,11 +179,11 @@ class Engine:
         return self._shared[key]
 
     def _past_drafter(self, index):
-        """The past-responses store of `index` (None: the one for requests without an index)."""
+        """The past-responses store of the opened `index` (None: the one for requests without one)."""
         from ragspec.drafting.past_responses import PastResponsesDrafter
         from ragspec.index.store import PAST_RESPONSES_FILE
 
-        path = self.open_index(index).path if index is not None else None
+        path = index.path if index is not None else None
         state = path / PAST_RESPONSES_FILE if path is not None and self.persist_state else None
 
         def make() -> PastResponsesDrafter:

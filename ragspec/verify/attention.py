@@ -6,11 +6,13 @@ row over a 5k-token cache: about 2x the time of two plain matmuls, measured on t
 a KV head stacked into one matrix (no `repeat_kv` copy), and hands everything else (prefill,
 softcapping, position biases, dropout) to transformers' own SDPA path. Registered under
 ATTENTION_NAME, with SDPA's mask function, so a model loaded with that name builds SDPA's masks.
+Imported only where transformers is in use (`ragspec.models.attention_for`).
 """
 
 from __future__ import annotations
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 ATTENTION_NAME = "ragspec_small_query"
 MAX_SMALL_QUERY = 160  # query rows (pending token + tree nodes) done as matmuls; more go to SDPA
@@ -26,8 +28,6 @@ def small_query_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     batch, heads, rows, head_dim = query.shape
     causal_block = attention_mask is None and rows > 1  # SDPA applies causality itself
     special = dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
