@@ -83,6 +83,7 @@ class SpecStats:
     num_draft_tokens: int = 0  # tree nodes verified
     num_accepted_tokens: int = 0  # draft tokens accepted (bonus tokens excluded)
     prefill_s: float = 0.0
+    cached_prompt_tokens: int = 0  # leading prompt tokens whose KV came from the prefix cache
     draft_s: float = 0.0
     verify_s: float = 0.0
     total_s: float = 0.0
@@ -139,6 +140,7 @@ class SpecStats:
             "decode_tokens_per_s": self.decode_tokens_per_s,
             "time_to_first_token_s": self.time_to_first_token_s,
             "prefill_s": self.prefill_s,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
             "draft_s": self.draft_s,
             "verify_s": self.verify_s,
             "total_s": self.total_s,

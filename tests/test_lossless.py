@@ -7,12 +7,15 @@ architectures, the default drafter, a fused pair of drafters (one of them advers
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import FLAT_CURVE, spec_bench_questions
+from conftest import DATA_DIR, FLAT_CURVE, spec_bench_questions
 from ragspec import Engine
+from ragspec.errors import ConfigError
 from ragspec.drafting.base import DraftContext
 from ragspec.drafting.context_suffix import ContextSuffixDrafter
 from ragspec.types import ROOT, DraftTree, StepResult
@@ -214,3 +217,56 @@ def test_real_model_greedy_speculative_equals_plain(real_engine):
         accepted += fast.stats.num_accepted_tokens
     assert not mismatches, f"speculative output differs from plain greedy for questions {mismatches}"
     assert accepted > 0
+
+
+def _chat_turns(engine: Engine, user_turns: list[str], max_new_tokens: int) -> list[dict]:
+    """A conversation whose earlier turns `engine` answered: the messages of its last turn."""
+    messages: list[dict] = []
+    for turn in user_turns[:-1]:
+        messages.append({"role": "user", "content": turn})
+        answer = engine.generate(messages, max_new_tokens=max_new_tokens)
+        messages.append({"role": "assistant", "content": answer.text})
+    return [*messages, {"role": "user", "content": user_turns[-1]}]
+
+
+def test_prefix_cache_is_lossless_across_chat_turns(tiny_model):
+    cached = Engine(tiny_model, latency_curve=FLAT_CURVE)
+    cold = Engine(tiny_model, latency_curve=FLAT_CURVE, prefix_cache=False)
+    turns = ["List three colours, then repeat them.", "Again, the same three colours.", "Now in reverse."]
+    messages = _chat_turns(cached, turns, MAX_NEW)
+    fast = cached.generate(messages, max_new_tokens=MAX_NEW)
+    reference = cold.generate(messages, max_new_tokens=MAX_NEW, speculative=False)
+    assert fast.token_ids == reference.token_ids
+    assert fast.stats.cached_prompt_tokens > len(cached.encode(messages[:2]))  # turn 1 and its answer
+    assert reference.stats.cached_prompt_tokens == 0
+    assert fast.stats.cached_prompt_tokens + 1 < fast.prompt_tokens  # the new turn was prefilled
+
+
+def test_cache_prefix_warms_the_next_request(tiny_llama):
+    engine = Engine(tiny_llama, latency_curve=FLAT_CURVE)
+    system = [{"role": "system", "content": "You answer in one short sentence about the sea."}]
+    cached = engine.cache_prefix(system)
+    assert cached > 5
+    out = engine.generate([*system, {"role": "user", "content": "Why is it blue?"}], max_new_tokens=8)
+    assert out.stats.cached_prompt_tokens == cached
+    engine.forget_prefix()
+    again = engine.generate([*system, {"role": "user", "content": "Why is it blue?"}], max_new_tokens=8)
+    assert again.stats.cached_prompt_tokens == 0 and again.token_ids == out.token_ids
+    with pytest.raises(ConfigError, match="prefix_cache=False"):
+        Engine(tiny_llama, latency_curve=FLAT_CURVE, prefix_cache=False).cache_prefix(system)
+
+
+@pytest.mark.slow
+def test_real_model_prefix_cache_over_mt_redundant_turns(real_engine):
+    """MT-Redundant turn 2 after turn 1 through the same engine equals a cold plain run, in fp32."""
+    path = DATA_DIR / "mt_redundant" / "question.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:4]]
+    cold = Engine(real_engine.target, prefix_cache=False, latency_curve=FLAT_CURVE)
+    for row in rows:
+        messages = _chat_turns(real_engine, row["turns"][:2], max_new_tokens=48)
+        fast = real_engine.generate(messages, max_new_tokens=48)
+        plain = cold.generate(messages, max_new_tokens=48, speculative=False)
+        assert fast.token_ids == plain.token_ids, f"question {row['question_id']}"
+        assert fast.stats.cached_prompt_tokens > 40

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from test_tree import brute_paths, draft_trees
 from ragspec.types import ROOT, AcceptResult, DraftTree
-from ragspec.verify import TreeVerifier
+from ragspec.verify import KVPrefix, TreeVerifier
 
 ATOL = 1e-4
 
@@ -62,6 +62,7 @@ def test_verify_and_commit_reproduce_recomputation(tiny_model, first, second, da
         committed += tokens + [bonus]
         assert verifier.past_length == len(committed) - 1
         assert verifier.cache.get_seq_length() == verifier.past_length
+        assert verifier.cached_ids == committed[:-1]
     final = verifier.verify(committed[-1], DraftTree.empty())
     torch.testing.assert_close(final.logits[0], last_logits(model, committed), atol=ATOL, rtol=0)
 
@@ -97,3 +98,44 @@ def test_single_token_prompt(tiny_llama):
     assert verifier.past_length == 0
     out = verifier.verify(42, DraftTree.empty())
     torch.testing.assert_close(out.logits[0], last_logits(tiny_llama.model, [42]), atol=ATOL, rtol=0)
+
+
+def _served(model, prompt: list[int], bonus: int) -> KVPrefix:
+    """The prefix a request leaves behind: prompt prefilled, one plain step committed."""
+    verifier = TreeVerifier(model)
+    verifier.prefill(prompt)
+    verifier.verify(prompt[-1], DraftTree.empty())
+    verifier.commit(AcceptResult(accepted_nodes=[], accepted_tokens=[], bonus_token=bonus))
+    return verifier.export_prefix()
+
+
+@given(
+    shared=st.integers(0, 6),
+    tail=st.lists(st.integers(5, 40000), min_size=1, max_size=5),
+)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_prefix_cache_prefill_equals_recomputation(tiny_model, shared, tail):
+    first_prompt = [11, 22, 33, 44, 55, 66]
+    prefix = _served(tiny_model, first_prompt, bonus=77)
+    assert prefix.token_ids == first_prompt  # the bonus token is pending, not cached
+    assert prefix.cache.get_seq_length() == len(first_prompt)
+    prompt = first_prompt[:shared] + [t for t in tail if t not in first_prompt]
+    if len(prompt) < 2:
+        prompt = first_prompt[:shared] + [99, 98]
+    verifier = TreeVerifier(tiny_model, prefix)
+    out, reused = verifier.prefill_and_verify(prompt)
+    assert reused == min(shared, len(prompt) - 1)
+    assert verifier.past_length == len(prompt) - 1
+    assert verifier.cache.get_seq_length() == len(prompt)  # the pending token's row, until commit
+    torch.testing.assert_close(out.logits[0], last_logits(tiny_model.model, prompt), atol=ATOL, rtol=0)
+    verifier.commit(AcceptResult(accepted_nodes=[], accepted_tokens=[], bonus_token=7))
+    assert verifier.export_prefix().token_ids == prompt
+
+
+def test_prefix_cache_reuse_of_a_whole_prompt(tiny_llama):
+    """A prompt that is a prefix of the cached tokens still feeds its last token itself."""
+    prefix = _served(tiny_llama, [11, 22, 33, 44, 55, 66], bonus=77)
+    verifier = TreeVerifier(tiny_llama, prefix)
+    out, reused = verifier.prefill_and_verify([11, 22, 33])
+    assert reused == 2
+    torch.testing.assert_close(out.logits[0], last_logits(tiny_llama.model, [11, 22, 33]), atol=ATOL, rtol=0)

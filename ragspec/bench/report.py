@@ -131,6 +131,9 @@ def _method_metrics(outputs: list[MethodOutput]) -> dict:
         "time_to_first_token_s": (
             sum(s.time_to_first_token_s for s in stats) / len(stats) if engine_stats and stats else None
         ),
+        "cached_prompt_tokens": (
+            sum(s.cached_prompt_tokens for s in stats) / len(stats) if engine_stats and stats else None
+        ),  # mean per prompt, from the prefix cache
         "wall_s_per_prompt": [out.wall_s for out in outputs],
     }
 
@@ -231,7 +234,8 @@ def render_markdown(report: dict) -> str:
         f"transformers {report['transformers_version']}, {report['created']}",
         "",
         "tok/s: generated tokens over the whole request (prefill included); decode tok/s leaves the "
-        "prefill out (engine methods only).",
+        "prefill out, TTFT is the time to the first token, cached prompt tokens the mean prompt tokens "
+        "found in the prefix cache (earlier chat turns; engine methods only).",
         "",
     ]
     if report["dtype"] != "float32":
@@ -310,17 +314,19 @@ def experiment_lines(experiments: dict) -> list[str]:
 
 def _method_table(methods: dict) -> list[str]:
     rows = ["| method | tok/s | speedup vs ragspec-ar | speedup vs hf-pld | mean acceptance length | "
-            "decode tok/s | tokens | identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+            "decode tok/s | TTFT s | cached prompt tokens | tokens | identical |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in methods.items():
         rows.append(f"| {name} | {_fmt(m['tokens_per_s'])} | {_fmt(m['speedup_vs_ragspec_ar'], 'x')} | "
                     f"{_fmt(m['speedup_vs_hf_pld'], 'x')} | {_fmt(m['mean_acceptance_length'])} | "
-                    f"{_fmt(m['decode_tokens_per_s'])} | {m['num_generated_tokens']} | "
+                    f"{_fmt(m['decode_tokens_per_s'])} | {_fmt(m['time_to_first_token_s'])} | "
+                    f"{_fmt(m.get('cached_prompt_tokens'), digits=0)} | {m['num_generated_tokens']} | "
                     f"{_fmt_bool(m['identical_outputs'])} |")
     return rows
 
 
-def _fmt(value: float | None, suffix: str = "") -> str:
-    return "—" if value is None else f"{value:.2f}{suffix}"
+def _fmt(value: float | None, suffix: str = "", digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
 
 
 def _fmt_bool(value: bool | None) -> str:

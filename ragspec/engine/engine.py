@@ -18,6 +18,7 @@ from ragspec.engine.text import TextAssembler
 from ragspec.errors import ConfigError, PromptTooLong
 from ragspec.models import LoadedModel, cache_dir, load_model
 from ragspec.types import SpecStats
+from ragspec.verify import KVPrefix, TreeVerifier
 
 Prompt = str | Sequence[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
 DrafterFactory = Callable[["Engine"], list[Drafter]]  # called once per request
@@ -64,10 +65,13 @@ class Engine:
         latency_curve: LatencyCurve | None = None,
         index_home: str | Path | None = None,
         persist_state: bool = True,
+        prefix_cache: bool = True,
     ):
         """`drafter_factories` replaces the built-in drafters chosen by `spec.drafters`;
         `persist_state=False` keeps learned drafter state off disk (the recycling matrix in the
-        cache dir, past responses in each index directory)."""
+        cache dir, past responses in each index directory); `prefix_cache` keeps the last
+        request's KV cache so that a prompt starting with the same tokens (the earlier turns of a
+        chat) prefills only the rest."""
         self.target = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.spec = spec or SpecConfig()
         self.drafter_factories = list(drafter_factories or [])
@@ -77,6 +81,8 @@ class Engine:
         self._budget: NodeBudget | None = None
         self._shared: dict[str, object] = {}  # drafters and estimates that outlive a request
         self._indexes: dict[str, object] = {}
+        self.prefix_cache = prefix_cache
+        self._kv_prefix: KVPrefix | None = None
 
     @property
     def tokenizer(self):
@@ -89,12 +95,14 @@ class Engine:
             self._budget = NodeBudget(curve, self.spec.max_nodes, self.spec.min_nodes)
         return self._budget
 
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, add_generation_prompt: bool = True) -> list[int]:
         if isinstance(prompt, str):
             return list(self.tokenizer(prompt).input_ids)
         if not self.tokenizer.chat_template:
             raise ConfigError(f"model {self.target.name} has no chat template: pass a plain string prompt")
-        encoded = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+        encoded = self.tokenizer.apply_chat_template(
+            list(prompt), add_generation_prompt=add_generation_prompt, tokenize=True
+        )
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def open_index(self, index):
@@ -107,6 +115,27 @@ class Engine:
             index = self._indexes[str(index)]
         index.check_tokenizer(self.target.tokenizer_fingerprint)
         return index
+
+    def cache_prefix(self, prompt: Prompt) -> int:
+        """Prefill `prompt` (a system prompt, or a conversation so far) into the prefix cache, so
+        that the next request starting with it skips that work. Returns the tokens cached."""
+        if not self.prefix_cache:
+            raise ConfigError("this engine was made with prefix_cache=False")
+        prompt_ids = self.encode(prompt, add_generation_prompt=False)
+        self._check_fits(prompt_ids)
+        verifier = TreeVerifier(self.target, self._take_prefix())
+        verifier.prefill(prompt_ids)  # every token but the last, which the next request feeds
+        self._kv_prefix = verifier.export_prefix()
+        return len(self._kv_prefix.token_ids)
+
+    def forget_prefix(self) -> None:
+        """Drop the prefix cache: the next request prefills its whole prompt."""
+        self._kv_prefix = None
+
+    def _take_prefix(self) -> KVPrefix | None:
+        """The cached prefix, handed to one request only (a concurrent one starts cold)."""
+        prefix, self._kv_prefix = self._kv_prefix, None
+        return prefix if self.prefix_cache else None
 
     def generate(self, prompt: Prompt, **options) -> Generation:
         """Options: those of `stream`."""
@@ -204,8 +233,9 @@ class Engine:
         eos = self.target.eos_token_ids
         start = time.perf_counter()
         finish_reason = "length"
+        verifier = TreeVerifier(self.target, self._take_prefix())
         for new_tokens in decode_steps(
-            self.target, prompt_ids, drafters=drafters, budget=budget, sampling=sampling, stats=stats
+            verifier, prompt_ids, drafters=drafters, budget=budget, sampling=sampling, stats=stats
         ):
             if not stats.time_to_first_token_s:
                 stats.time_to_first_token_s = time.perf_counter() - start
@@ -225,6 +255,8 @@ class Engine:
             yield tail
         stats.total_s = time.perf_counter() - start
         stats.num_generated_tokens = len(text.token_ids)
+        if self.prefix_cache:
+            self._kv_prefix = verifier.export_prefix()
         for drafter in drafters:
             finish = getattr(drafter, "finish_request", None)
             if finish is not None:

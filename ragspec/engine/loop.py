@@ -13,7 +13,6 @@ from ragspec.drafting.base import DraftContext, Drafter
 from ragspec.drafting.budget import NodeBudget
 from ragspec.drafting.suffix_index import TokenBuffer
 from ragspec.drafting.tree import fuse, prune
-from ragspec.models import LoadedModel
 from ragspec.sampling import accept_greedy, accept_sampled
 from ragspec.types import DraftTree, SpecStats, StepResult
 from ragspec.verify import TreeVerifier
@@ -39,7 +38,7 @@ def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_len
 
 
 def decode_steps(
-    target: LoadedModel,
+    verifier: TreeVerifier,
     prompt_ids: Sequence[int],
     *,
     drafters: Sequence[Drafter],
@@ -51,9 +50,10 @@ def decode_steps(
 
     The caller stops iterating at EOS, a stop string, or its token limit; the loop itself ends
     only when the context window is full. With no drafters or no budget it is plain decoding.
+    `verifier` may already hold a cached prefix of the prompt (see KVPrefix).
     """
-    verifier = TreeVerifier(target)
-    prefilled = verifier.prefill_and_verify(list(prompt_ids))  # step 1's verify, empty tree
+    target = verifier.target
+    prefilled, stats.cached_prompt_tokens = verifier.prefill_and_verify(list(prompt_ids))  # step 1, empty tree
     stats.prefill_s = prefilled.verify_s
     tokens = TokenBuffer(prompt_ids)
     generator = torch.Generator()  # sampling draws from its own generator, never the global one

@@ -1,5 +1,5 @@
 """Verification: one target forward over the pending token plus a draft tree."""
 
-from ragspec.verify.verifier import TreeVerifier
+from ragspec.verify.verifier import KVPrefix, TreeVerifier
 
-__all__ = ["TreeVerifier"]
+__all__ = ["KVPrefix", "TreeVerifier"]

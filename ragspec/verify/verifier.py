@@ -1,8 +1,13 @@
-"""Run the target over [pending token + draft tree] and keep only the accepted path's KV."""
+"""Run the target over [pending token + draft tree] and keep only the accepted path's KV.
+
+A finished request can hand its cache on (`KVPrefix`): the next request skips the prefill of the
+tokens both share at the start, e.g. every earlier turn of a chat (prefix caching).
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -12,40 +17,74 @@ from ragspec.types import AcceptResult, DraftTree, VerifyOutput
 from ragspec.verify.tree_attention import tree_attention_mask, tree_position_ids
 
 
+@dataclass
+class KVPrefix:
+    """A finished request's KV cache and the tokens it holds, for the next request to reuse."""
+
+    token_ids: list[int]  # [cached], the cache's rows in order
+    cache: object  # transformers DynamicCache with len(token_ids) rows
+
+
 class TreeVerifier:
     """Owns the target's KV cache for one request.
 
-    Invariant between steps: the cache holds every committed token except the pending one.
+    Invariant between steps: the cache holds every committed token except the pending one, and
+    `cached_ids` lists them.
     """
 
-    def __init__(self, target: LoadedModel):
+    def __init__(self, target: LoadedModel, prefix: KVPrefix | None = None):
         from transformers import DynamicCache
 
         self.target = target
-        self.cache = DynamicCache(config=target.model.config)
-        self.past_length = 0  # committed tokens whose KV is in the cache
+        if prefix is not None and _croppable(prefix.cache):
+            self.cache, self.cached_ids = prefix.cache, list(prefix.token_ids)
+        else:
+            self.cache, self.cached_ids = DynamicCache(config=target.model.config), []
+        self.past_length = len(self.cached_ids)  # committed tokens whose KV is in the cache
+        self._pending_token: int | None = None  # the last verify's first row
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int]) -> None:
         """Feed every prompt token but the last, which becomes the first pending token."""
-        if len(token_ids) > 1:
-            ids = torch.tensor([token_ids[:-1]], device=self.target.device)
+        reused = self._reuse_prefix(token_ids[:-1])
+        if len(token_ids) - 1 > reused:
+            ids = torch.tensor([token_ids[reused:-1]], device=self.target.device)
             self.target.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.past_length = len(token_ids) - 1
+        self._set_committed(token_ids[:-1])
 
     @torch.inference_mode()
-    def prefill_and_verify(self, token_ids: list[int]) -> VerifyOutput:
-        """`prefill(token_ids)` then `verify(token_ids[-1], empty tree)`, in one forward."""
+    def prefill_and_verify(self, token_ids: list[int]) -> tuple[VerifyOutput, int]:
+        """`prefill(token_ids)` then `verify(token_ids[-1], empty tree)`, in one forward.
+        Also returns how many leading tokens' KV came from the prefix cache."""
         start = time.perf_counter()
-        ids = torch.tensor([token_ids], device=self.target.device)
+        reused = self._reuse_prefix(token_ids[:-1])
+        ids = torch.tensor([token_ids[reused:]], device=self.target.device)
         out = self.target.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self.past_length = len(token_ids) - 1
-        return VerifyOutput(logits=out.logits[0].float(), verify_s=time.perf_counter() - start)
+        self._set_committed(token_ids[:-1])
+        self._pending_token = token_ids[-1]
+        return VerifyOutput(logits=out.logits[0].float(), verify_s=time.perf_counter() - start), reused
+
+    def _reuse_prefix(self, token_ids: list[int]) -> int:
+        """Keep the cached rows `token_ids` starts with, drop the rest; return how many were kept."""
+        shared = _common_prefix_length(self.cached_ids, token_ids)
+        if self.cache.get_seq_length() > shared:
+            self.cache.crop(shared - self.cache.get_seq_length())
+        return shared
+
+    def _set_committed(self, token_ids: list[int]) -> None:
+        self.cached_ids = list(token_ids)
+        self.past_length = len(token_ids)
+
+    def export_prefix(self) -> KVPrefix:
+        """This verifier's committed tokens and their KV, handed to the next request's verifier."""
+        self.discard()
+        return KVPrefix(token_ids=list(self.cached_ids), cache=self.cache)
 
     @torch.inference_mode()
     def verify(self, pending_token: int, tree: DraftTree) -> VerifyOutput:
         start = time.perf_counter()
         device = self.target.device
+        self._pending_token = pending_token
         ids = torch.tensor([[pending_token, *tree.token_ids.tolist()]], device=device)
         if tree.num_nodes == 0:
             mask, positions = None, None  # plain decoding: causal attention over the cache
@@ -76,6 +115,7 @@ class TreeVerifier:
                 layer.keys[:, :, base : base + kept] = layer.keys.index_select(2, index)
                 layer.values[:, :, base : base + kept] = layer.values.index_select(2, index)
         self.past_length = base + kept
+        self.cached_ids += [self._pending_token, *accept.accepted_tokens]
         self.discard()
 
     def discard(self) -> None:
@@ -83,3 +123,18 @@ class TreeVerifier:
         surplus = self.cache.get_seq_length() - self.past_length
         if surplus > 0:
             self.cache.crop(-surplus)
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    differs = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differs[0]) if len(differs) else n
+
+
+def _croppable(cache) -> bool:
+    """Only full-attention layers can be cut back to a shorter prefix (a sliding window forgets)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
