@@ -33,6 +33,7 @@ class LoadedModel:
     model: torch.nn.Module  # a transformers causal LM in eval mode
     tokenizer: object  # a transformers tokenizer
     name: str
+    packed_linears: bool = False  # fp32 CPU: linear weights also prepacked (ragspec.verify.linear)
 
     @property
     def device(self) -> torch.device:
@@ -63,11 +64,12 @@ class LoadedModel:
 
     @property
     def fingerprint(self) -> str:
-        """Identifies model + device + dtype + attention, for caches such as the latency curve."""
+        """Identifies model + device + dtype + kernels, for caches such as the latency curve."""
         config = self.model.config
         shape = f"{config.model_type}-{getattr(config, 'num_hidden_layers', 0)}-{getattr(config, 'hidden_size', 0)}"
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"{self.name}-{shape}-{self.device.type}-{dtype}-{config._attn_implementation}"
+        packed = "-packed" if self.packed_linears else ""
+        return f"{self.name}-{shape}-{self.device.type}-{dtype}-{config._attn_implementation}{packed}"
 
 
 def cache_dir() -> Path:
@@ -138,7 +140,10 @@ def load_model(
                 f"no model at {path}: give an HF model directory (with config.json) or a .gguf file"
             )
     model, tokenizer = _load_hf_dir(model_dir, target_dtype, attention_for(target_device))
-    return LoadedModel(model=model.to(target_device).eval(), tokenizer=tokenizer, name=name)
+    model = model.to(target_device).eval()
+    from ragspec.verify.linear import pack_linears  # lazily: ragspec.verify imports this module
+
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, packed_linears=pack_linears(model))
 
 
 def attention_for(device: torch.device) -> str:

@@ -18,6 +18,7 @@ from hypothesis import settings
 from ragspec import Engine, LoadedModel
 from ragspec.drafting.budget import LatencyCurve
 from ragspec.models import _dequantised_dir, attention_for, embedded_model_path
+from ragspec.verify.linear import pack_linears
 
 # Nearly flat: verifying 64 nodes costs about what 1 costs, so the budget speculates a lot.
 FLAT_CURVE = LatencyCurve(rows=(1, 64), seconds=(0.010, 0.0101))
@@ -70,8 +71,9 @@ def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, max_positions
 
 
 def tiny_loaded(arch: str, tokenizer, **kwargs) -> LoadedModel:
+    """Packed like a loaded fp32 CPU model, so the lossless tests run the kernels users get."""
     model = build_tiny_model(arch, len(tokenizer), **kwargs)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}")
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}", packed_linears=pack_linears(model))
 
 
 @pytest.fixture(scope="session", params=TINY_ARCHITECTURES)
