@@ -5,27 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragspec.verify.linear import RowDispatchLinear, pack_linears
+from ragspec.verify.linear import PackedLinear, pack_linears
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(1, 1), (1, 3), (1, 17), (2, 40), (5,)])
-def test_row_dispatch_linear_equals_linear(bias, shape):
+def test_packed_linear_equals_linear(bias, shape):
     torch.manual_seed(0)
     linear = torch.nn.Linear(48, 80, bias=bias)
-    packed = RowDispatchLinear(linear)
+    packed = PackedLinear(linear)
     x = torch.randn(*shape, 48)
     with torch.inference_mode():
         out = packed(x)
+        expected = linear(x)
     assert out.shape == (*shape, 80)
-    torch.testing.assert_close(out, linear(x).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert packed.weight is linear.weight
+    torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)  # grad mode: the dense weight
 
 
 def test_pack_linears_swaps_fp32_cpu_layers_only():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     assert pack_linears(model)
-    assert [type(m).__name__ for m in model] == ["RowDispatchLinear", "ReLU", "RowDispatchLinear"]
+    assert [type(m).__name__ for m in model] == ["PackedLinear", "ReLU", "PackedLinear"]
     assert not pack_linears(torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16)))
 
 

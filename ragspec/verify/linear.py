@@ -1,12 +1,12 @@
-"""fp32 linear layers on CPUs: a oneDNN-prepacked weight for the few-row inputs of a tree verify.
+"""fp32 linear layers on CPUs with a oneDNN-prepacked weight.
 
-For inputs of 2 to ~32 rows, PyTorch's fp32 CPU matmul (MKL sgemm) re-packs the whole weight on
-every call, so verifying a small tree costs far more than a one-row step. Measured on the embedded
-model (2-core EPYC, 400-token cache, one forward): 1 / 2 / 4 / 8 / 16 rows took 73 / 123 / 113 /
-132 / 165 ms with plain nn.Linear, and 73 / 112 / 97 / 104 / 122 ms with one-row inputs on the
-dense weight and the rest on a prepacked copy (the copy alone is slower for one row). bf16 is the
-other way round (oneDNN already serves it well; a prepacked copy made it slower), so only fp32 is
-packed. The price is a second copy of every linear weight, hence `MAX_PACKED_BYTES`.
+PyTorch's fp32 CPU matmul (MKL) re-packs the whole weight on every call with a few rows, so
+verifying a small tree cost far more than a one-row step. Measured on the embedded model (2-core
+EPYC, 400-token cache, one forward, variants interleaved): 2 / 4 / 8 / 16 rows took 123 / 113 /
+132 / 165 ms with nn.Linear and 112 / 97 / 104 / 122 ms prepacked; one row 61.7 vs 54.1 ms. bf16
+is the other way round (oneDNN already serves it well; prepacking made a one-row forward about
+1.4x slower), so only fp32 is packed. The dense weight stays (transformers reads it, the input
+embedding may share it), so packing costs a second copy of every linear weight: MAX_PACKED_BYTES.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 MAX_PACKED_BYTES = 2 << 30  # skip packing models whose linear weights would need more extra memory
 
 
-class RowDispatchLinear(torch.nn.Module):
-    """`linear` for one-row inputs, its prepacked fp32 copy for more rows (same result within ~1e-5)."""
+class PackedLinear(torch.nn.Module):
+    """`linear` computed with a prepacked copy of its fp32 weight (equal within ~1e-5)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -35,16 +35,16 @@ class RowDispatchLinear(torch.nn.Module):
         return self.dense.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows == 1 or torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # the packed copy is inference-only
             return self.dense(x)
+        rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, x.shape[-1]).to_mkldnn()
         out = torch._C._nn.mkldnn_linear(flat, self.packed_weight, self.packed_bias)
         return out.to_dense().reshape(*x.shape[:-1], -1)
 
 
 def pack_linears(model: torch.nn.Module) -> bool:
-    """Swap every nn.Linear of an fp32 CPU model for a RowDispatchLinear; False if not worth it
+    """Swap every nn.Linear of an fp32 CPU model for a PackedLinear; False if not worth it
     (another dtype or device, no oneDNN, or more than MAX_PACKED_BYTES of weights)."""
     linears = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if type(child) is torch.nn.Linear]
@@ -58,5 +58,5 @@ def pack_linears(model: torch.nn.Module) -> bool:
         log.info("not prepacking linear weights: %.1f GiB more memory", extra / 2**30)
         return False
     for parent, name, child in linears:
-        setattr(parent, name, RowDispatchLinear(child))
+        setattr(parent, name, PackedLinear(child))
     return True
