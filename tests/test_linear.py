@@ -1,11 +1,11 @@
-"""The fp32 CPU linear with a prepacked weight computes what nn.Linear computes."""
+"""The CPU linear with a prepacked weight computes what nn.Linear computes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ragspec.verify.linear import PackedLinear, pack_linears
+from ragspec.verify.linear import PackedLinear, pack_linears, unpacked
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -24,11 +24,20 @@ def test_packed_linear_equals_linear(bias, shape):
     torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)  # grad mode: the dense weight
 
 
-def test_pack_linears_swaps_fp32_cpu_layers_only():
+def test_bf16_packed_linear_equals_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(linear)(x), linear(x), atol=0.05, rtol=0.02)
+
+
+def test_pack_linears_swaps_cpu_layers_of_fp32_and_bf16_only():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     assert pack_linears(model)
     assert [type(m).__name__ for m in model] == ["PackedLinear", "ReLU", "PackedLinear"]
-    assert not pack_linears(torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16)))
+    assert pack_linears(torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.bfloat16)))
+    assert not pack_linears(torch.nn.Sequential(torch.nn.Linear(8, 8).to(torch.float16)))
 
 
 def test_pack_linears_respects_the_memory_cap(monkeypatch):
@@ -36,3 +45,13 @@ def test_pack_linears_respects_the_memory_cap(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     assert not pack_linears(model)
     assert type(model[0]) is torch.nn.Linear
+
+
+def test_unpacked_restores_the_plain_layers_for_a_block():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    plain = model[0]
+    pack_linears(model)
+    packed = model[0]
+    with unpacked(model):
+        assert model[0] is plain
+    assert model[0] is packed

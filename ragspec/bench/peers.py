@@ -4,8 +4,9 @@
   ragspec          ragspec with speculation on
   hf-greedy        transformers `model.generate(do_sample=False)`
   hf-pld           transformers prompt lookup decoding (`prompt_lookup_num_tokens=10`)
-                   (both with transformers' stock SDPA attention, as a user's HF setup runs them;
-                   the ragspec methods use the attention ragspec loads models with)
+                   (both with transformers' stock SDPA attention and nn.Linear, as a user's HF
+                   setup runs them; the ragspec methods use the kernels ragspec loads models with,
+                   so ragspec-ar vs hf-greedy shows what those kernels and the loop are worth)
   llamacpp-greedy  llama.cpp on the GGUF file, only when `llama_cpp` is importable
                    (its quantised kernels differ numerically, so identical output is not expected)
 
@@ -134,7 +135,7 @@ class HFGenerateMethod:
         if self.prompt_lookup_num_tokens:
             extra["prompt_lookup_num_tokens"] = self.prompt_lookup_num_tokens
         eos = sorted(target.eos_token_ids)
-        with stock_attention(target.model):
+        with stock_kernels(target.model):
             start = time.perf_counter()
             output = target.model.generate(
                 input_ids,
@@ -150,12 +151,16 @@ class HFGenerateMethod:
 
 
 @contextlib.contextmanager
-def stock_attention(model: torch.nn.Module) -> Iterator[None]:
-    """Run `model` with transformers' default SDPA attention inside the block."""
+def stock_kernels(model: torch.nn.Module) -> Iterator[None]:
+    """Run `model` inside the block as a plain transformers setup would: SDPA attention and
+    nn.Linear layers (not ragspec's CPU attention and prepacked linears)."""
+    from ragspec.verify.linear import unpacked
+
     loaded_with = model.config._attn_implementation
     model.set_attn_implementation(STOCK_ATTENTION)
     try:
-        yield
+        with unpacked(model):
+            yield
     finally:
         model.set_attn_implementation(loaded_with)
 
