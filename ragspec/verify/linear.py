@@ -27,7 +27,7 @@ MAX_PACKED_BYTES = 2 << 30  # skip packing models whose linear weights would nee
 
 
 class PackedLinear(torch.nn.Module):
-    """`linear` computed with a prepacked copy of its fp32 weight (equal within ~1e-5 relative)."""
+    """`linear` computed with a prepacked copy of its weight (fp32: equal within ~1e-5 relative)."""
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
