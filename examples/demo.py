@@ -66,7 +66,8 @@ def main() -> None:
 
     print("loading the embedded model ...", flush=True)
     # Learned drafter state stays in memory: a rerun must not draft these answers from the last run.
-    engine = Engine(index_home=args.home, persist_state=False)
+    # No prefix cache: both runs of a question prefill the whole prompt, as a new question would.
+    engine = Engine(index_home=args.home, persist_state=False, prefix_cache=False)
     engine.budget()  # profile the verify-latency curve now, not inside the first timing
     print(f"model {engine.target.name} on {engine.target.device}, {engine.target.dtype}\n")
     passages, questions = rag_questions(args.data_dir)
