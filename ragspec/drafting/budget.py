@@ -24,8 +24,8 @@ from ragspec.types import DraftTree
 
 log = logging.getLogger(__name__)
 
-# Every small row count: the curve is not monotone there (fp32 on a 2-core CPU: 2 or 3 rows cost
-# more than 4 or 8, since matmul kernels block rows by 4), and the budget exploits the dips.
+# Every small row count: the curve need not be monotone there (plain nn.Linear in fp32 on a 2-core
+# CPU: 2 or 3 rows cost more than 4 or 8), and the budget exploits the dips.
 PROFILE_ROWS = (*range(1, 17), 20, 24, 32, 48, 64, 96, 128)
 PROFILE_CONTEXT = 256  # committed tokens in the cache while profiling
 

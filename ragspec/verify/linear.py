@@ -1,9 +1,9 @@
 """Linear layers on CPUs with a oneDNN-prepacked weight (fp32 and bf16).
 
-nn.Linear on a CPU re-lays-out the weight for the matmul kernel on every call; with one to a few
-dozen input rows (decode and tree-verify steps) that costs as much as the matmul. PyTorch's own
-CPU compiler avoids it by packing each weight once (`mkldnn._reorder_linear_weight`) and calling
-`mkldnn._linear_pointwise`; so does this module. Measured on the embedded model (2-core EPYC,
+nn.Linear hands the CPU matmul kernel the plain weight on every call; PyTorch's own CPU compiler
+instead packs each weight once into the kernel's layout (`mkldnn._reorder_linear_weight`) and
+calls `mkldnn._linear_pointwise`, and so does this module. With one to a few dozen input rows
+(decode and tree-verify steps) that is much faster. Measured on the embedded model (2-core EPYC,
 400-token cache, one forward, median of 11 interleaved rounds), ms for 1 / 2 / 4 / 8 / 16 rows:
 
     fp32  nn.Linear 62.2 / 102.3 / 89.7 / 95.0 / 111.9   packed 53.4 / 61.2 / 64.7 / 66.3 / 81.3
