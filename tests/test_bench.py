@@ -174,6 +174,14 @@ def test_end_to_end_report_on_a_tiny_model(tiny_engine, data_dir: Path, tmp_path
         assert sum(spec["acceptance_histogram"]) == spec["num_steps"] > 0
         assert methods["ragspec-ar"]["speedup_vs_ragspec_ar"] == pytest.approx(1.0)
         assert methods["hf-pld"]["mean_acceptance_length"] is None
+        # prefix cache: only the earlier chat turns, the same for both engine methods, never an
+        # earlier method's run of the same prompt
+        cached = {name: methods[name]["cached_prompt_tokens"] for name in ("ragspec-ar", "ragspec")}
+        if workload["name"] == "mt_redundant":
+            assert cached["ragspec-ar"] == cached["ragspec"] > 0
+        else:
+            assert cached == {"ragspec-ar": 0, "ragspec": 0}, workload["name"]
+        assert methods["hf-greedy"]["cached_prompt_tokens"] is None
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## spec_bench:rag" in markdown and "| ragspec |" in markdown and "## Summary" in markdown
     for png in ("speedup.png", "acceptance_hist.png"):
