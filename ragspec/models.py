@@ -33,7 +33,7 @@ class LoadedModel:
     model: torch.nn.Module  # a transformers causal LM in eval mode
     tokenizer: object  # a transformers tokenizer
     name: str
-    packed_linears: bool = False  # fp32 CPU: linear weights also prepacked (ragspec.verify.linear)
+    packed_linears: bool = False  # fp32/bf16 on CPU: linear weights prepacked (ragspec.verify.linear)
 
     @property
     def device(self) -> torch.device:

@@ -22,6 +22,10 @@ def test_packed_linear_equals_linear(bias, shape):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert packed.weight is linear.weight
     torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)  # grad mode: the dense weight
+    with torch.no_grad():
+        linear.weight.zero_()  # the packed copy, not the dense weight, serves inference
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_packed_linear_equals_linear():

@@ -35,6 +35,7 @@ from ragspec.engine import Engine, Generation
 from ragspec.errors import ConfigError
 from ragspec.models import EMBEDDED_MODEL, embedded_model_path
 from ragspec.types import SpecStats
+from ragspec.verify.linear import unpacked
 
 REFERENCE_METHOD = "ragspec-ar"
 SPECULATIVE_METHOD = "ragspec"
@@ -98,7 +99,6 @@ class EngineMethod:
             check_same_rag_prompt(out, prompt_ids, rag)
         return MethodOutput(token_ids=list(out.token_ids), wall_s=wall_s, stats=out.stats)
 
-
     def _set_prefix_cache(self, messages: Sequence[dict], rag: RagContext | None) -> None:
         """Untimed: leave the KV cache as a chat server holds it when this turn arrives, the earlier
         turns cached (from the same engine's last request), and nothing of an earlier method's run."""
@@ -154,8 +154,6 @@ class HFGenerateMethod:
 def stock_kernels(model: torch.nn.Module) -> Iterator[None]:
     """Run `model` inside the block as a plain transformers setup would: SDPA attention and
     nn.Linear layers (not ragspec's CPU attention and prepacked linears)."""
-    from ragspec.verify.linear import unpacked
-
     loaded_with = model.config._attn_implementation
     model.set_attn_implementation(STOCK_ATTENTION)
     try:

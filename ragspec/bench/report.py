@@ -128,14 +128,15 @@ def _method_metrics(outputs: list[MethodOutput]) -> dict:
         "decode_tokens_per_s": (
             sum(s.num_generated_tokens for s in stats) / decode_s if engine_stats and decode_s > 0 else None
         ),
-        "time_to_first_token_s": (
-            sum(s.time_to_first_token_s for s in stats) / len(stats) if engine_stats and stats else None
-        ),
-        "cached_prompt_tokens": (
-            sum(s.cached_prompt_tokens for s in stats) / len(stats) if engine_stats and stats else None
-        ),  # mean per prompt, from the prefix cache
+        "time_to_first_token_s": _mean_per_prompt(stats, "time_to_first_token_s") if engine_stats else None,
+        # prompt tokens found in the prefix cache
+        "cached_prompt_tokens": _mean_per_prompt(stats, "cached_prompt_tokens") if engine_stats else None,
         "wall_s_per_prompt": [out.wall_s for out in outputs],
     }
+
+
+def _mean_per_prompt(stats: list[SpecStats], field: str) -> float | None:
+    return sum(getattr(s, field) for s in stats) / len(stats) if stats else None
 
 
 def _ratio(metrics: dict, base: dict | None) -> float | None:

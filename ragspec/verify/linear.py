@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -58,8 +58,7 @@ def packing_available() -> bool:
 def pack_linears(model: torch.nn.Module) -> bool:
     """Swap every nn.Linear of an fp32 or bf16 CPU model for a PackedLinear; False if not
     possible or not worth it (another dtype or device, no oneDNN, or more than MAX_PACKED_BYTES)."""
-    linears = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if type(child) is torch.nn.Linear]
+    linears = _children(model, lambda child: type(child) is torch.nn.Linear)
     if not linears or not packing_available():
         return False
     weights = [child.weight for _, _, child in linears]
@@ -77,8 +76,7 @@ def pack_linears(model: torch.nn.Module) -> bool:
 @contextlib.contextmanager
 def unpacked(model: torch.nn.Module) -> Iterator[None]:
     """Inside the block, `model` runs its plain nn.Linear layers again."""
-    swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if isinstance(child, PackedLinear)]
+    swaps = _children(model, lambda child: isinstance(child, PackedLinear))
     for parent, name, child in swaps:
         setattr(parent, name, child.dense)
     try:
@@ -86,3 +84,9 @@ def unpacked(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for parent, name, child in swaps:
             setattr(parent, name, child)
+
+
+def _children(model: torch.nn.Module, wanted: Callable[[torch.nn.Module], bool]) -> list[tuple]:
+    """(parent, attribute name, child) for every submodule `wanted` picks."""
+    return [(parent, name, child) for parent in model.modules()
+            for name, child in parent.named_children() if wanted(child)]

@@ -36,33 +36,42 @@ class TreeVerifier:
         from transformers import DynamicCache
 
         self.target = target
-        if prefix is not None and _croppable(prefix.cache):
-            self.cache, self.cached_ids = prefix.cache, list(prefix.token_ids)
+        if prefix is not None and _croppable(prefix.cache):  # handed over: the caller keeps no copy
+            self.cache, self.cached_ids = prefix.cache, prefix.token_ids
         else:
             self.cache, self.cached_ids = DynamicCache(config=target.model.config), []
-        self.past_length = len(self.cached_ids)  # committed tokens whose KV is in the cache
         self._pending_token: int | None = None  # the last verify's first row
 
-    @torch.inference_mode()
+    @property
+    def past_length(self) -> int:
+        """Committed tokens whose KV is in the cache."""
+        return len(self.cached_ids)
+
     def prefill(self, token_ids: list[int]) -> None:
         """Feed every prompt token but the last, which becomes the first pending token."""
-        reused = self._reuse_prefix(token_ids[:-1])
-        if len(token_ids) - 1 > reused:
-            ids = torch.tensor([token_ids[reused:-1]], device=self.target.device)
-            self.target.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self._set_committed(token_ids[:-1])
+        self._prefill(token_ids, feed_last=False)
 
-    @torch.inference_mode()
     def prefill_and_verify(self, token_ids: list[int]) -> tuple[VerifyOutput, int]:
         """`prefill(token_ids)` then `verify(token_ids[-1], empty tree)`, in one forward.
         Also returns how many leading tokens' KV came from the prefix cache."""
         start = time.perf_counter()
+        logits, reused = self._prefill(token_ids, feed_last=True)
+        return VerifyOutput(logits=logits, verify_s=time.perf_counter() - start), reused
+
+    @torch.inference_mode()
+    def _prefill(self, token_ids: list[int], feed_last: bool) -> tuple[torch.Tensor | None, int]:
+        """Keep the cached rows the prompt starts with, feed the rest (the last token too if
+        `feed_last`); return the last fed row's logits and the number of reused tokens."""
         reused = self._reuse_prefix(token_ids[:-1])
-        ids = torch.tensor([token_ids[reused:]], device=self.target.device)
-        out = self.target.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
-        self._set_committed(token_ids[:-1])
+        feed = token_ids[reused:] if feed_last else token_ids[reused:-1]
+        logits = None
+        if feed:
+            ids = torch.tensor([feed], device=self.target.device)
+            out = self.target.model(input_ids=ids, cache=self.cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[0].float()
+        self.cached_ids = list(token_ids[:-1])
         self._pending_token = token_ids[-1]
-        return VerifyOutput(logits=out.logits[0].float(), verify_s=time.perf_counter() - start), reused
+        return logits, reused
 
     def _reuse_prefix(self, token_ids: list[int]) -> int:
         """Keep the cached rows `token_ids` starts with, drop the rest; return how many were kept."""
@@ -71,14 +80,11 @@ class TreeVerifier:
             self.cache.crop(shared - self.cache.get_seq_length())
         return shared
 
-    def _set_committed(self, token_ids: list[int]) -> None:
-        self.cached_ids = list(token_ids)
-        self.past_length = len(token_ids)
-
     def export_prefix(self) -> KVPrefix:
-        """This verifier's committed tokens and their KV, handed to the next request's verifier."""
+        """This verifier's committed tokens and their KV, handed to the next request's verifier
+        (this verifier is done with them)."""
         self.discard()
-        return KVPrefix(token_ids=list(self.cached_ids), cache=self.cache)
+        return KVPrefix(token_ids=self.cached_ids, cache=self.cache)
 
     @torch.inference_mode()
     def verify(self, pending_token: int, tree: DraftTree) -> VerifyOutput:
@@ -114,8 +120,7 @@ class TreeVerifier:
             for layer in self.cache.layers:
                 layer.keys[:, :, base : base + kept] = layer.keys.index_select(2, index)
                 layer.values[:, :, base : base + kept] = layer.values.index_select(2, index)
-        self.past_length = base + kept
-        self.cached_ids += [self._pending_token, *accept.accepted_tokens]
+        self.cached_ids += [self._pending_token, *accept.accepted_tokens]  # past_length = base + kept
         self.discard()
 
     def discard(self) -> None:
