@@ -149,6 +149,25 @@ def test_budget_takes_a_bigger_tree_where_the_curve_dips():
     assert NodeBudget(dip, max_nodes=64).choose(tree, limit=2) == 0  # 2 or 3 rows do not pay
 
 
+def test_budget_calibrates_each_source_from_its_own_verdicts():
+    """Two sources claim the same odds; only one is ever right. After some steps the budget
+    trusts that one, drops the other's nodes, and the pruned tree keeps the raw scores."""
+    two_branches = DraftTree(
+        token_ids=np.array([1, 2, 3, 4]), parents=np.array([ROOT, 0, ROOT, 2]),
+        scores=np.array([0.5, 0.4, 0.5, 0.4]), sources=("good", "good", "bad", "bad"),
+    )
+    budget = NodeBudget(FLAT_CURVE, max_nodes=64)
+    assert budget.calibration("good") == budget.calibration("bad") == 1.0
+    for _ in range(60):
+        budget.observe(two_branches, accepted_nodes=[0, 1], seconds=float(FLAT_CURVE(5)))
+    assert budget.calibration("good") > 1.5 and budget.calibration("bad") == 0.25
+    calibrated = budget.calibrated_scores(two_branches)
+    assert calibrated[0] == 1.0 and calibrated[1] <= calibrated[0] and calibrated[2] < 0.15
+    kept = budget.select(two_branches, limit=2)
+    assert kept.sources == ("good", "good")
+    assert np.all(np.isin(kept.scores, two_branches.scores))  # raw, not calibrated
+
+
 @given(
     draft_trees(max_nodes=40),
     st.lists(st.floats(0.001, 0.1), min_size=2, max_size=6),

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ragspec.drafting.tree import TrieBuilder, best_first_order, fuse, node_paths, prune
+from ragspec.drafting.tree import TrieBuilder, best_first_order, fuse, monotone_scores, node_paths, prune
 from ragspec.types import ROOT, DraftTree
 from ragspec.verify.tree_attention import (
     ancestor_matrix,
@@ -198,6 +198,19 @@ def test_prune_keeps_the_n_best_as_a_connected_subtree(tree, budget):
         assert (float(pruned.scores[i]), pruned.sources[i]) in original[path]
     # kept nodes keep their relative order, so parents still precede children
     assert_monotone(pruned)
+
+
+@given(draft_trees(max_nodes=30), st.integers(0, 35), st.randoms(use_true_random=False))
+def test_prune_by_other_scores_keeps_their_n_best_and_the_raw_scores(tree, budget, rng):
+    """The budget ranks nodes by calibrated scores but hands on the drafters' own."""
+    other = monotone_scores(np.array([rng.random() for _ in range(tree.num_nodes)]), tree.parents)
+    pruned = prune(tree, budget, other)
+    assert_valid_tree(pruned)
+    assert pruned.num_nodes == min(budget, tree.num_nodes)
+    kept = np.sort(best_first_order(tree, other)[: pruned.num_nodes])
+    np.testing.assert_array_equal(pruned.token_ids, tree.token_ids[kept])
+    np.testing.assert_array_equal(pruned.scores, tree.scores[kept])
+    assert np.all(other[kept].min(initial=1.0) >= np.delete(other, kept).max(initial=0.0))
 
 
 @given(draft_trees(max_nodes=30))

@@ -74,29 +74,33 @@ def fuse(trees: Sequence[DraftTree], weights: dict[str, float] | None = None) ->
             score = float(tree.scores[i]) * weights.get(source, 1.0)
             trie_parent = ROOT if parent == ROOT else node_in_trie[parent]
             node_in_trie.append(trie.add(trie_parent, token, score, source))
-    return _monotone(trie.build())
+    tree = trie.build()
+    return DraftTree(tree.token_ids, tree.parents, monotone_scores(tree.scores, tree.parents), tree.sources)
 
 
-def _monotone(tree: DraftTree) -> DraftTree:
-    """Cap each score at its parent's (weights can break the order)."""
-    scores = tree.scores.copy()
-    for i, parent in enumerate(tree.parents.tolist()):
+def monotone_scores(scores: np.ndarray, parents: np.ndarray) -> np.ndarray:
+    """Each score capped at its parent's (weights and calibration can break the order). [n]"""
+    scores = scores.copy()
+    for i, parent in enumerate(parents.tolist()):
         if parent != ROOT and scores[i] > scores[parent]:
             scores[i] = scores[parent]
-    return DraftTree(tree.token_ids, tree.parents, scores, tree.sources)
+    return scores
 
 
-def best_first_order(tree: DraftTree) -> np.ndarray:
-    """Node indices by score, highest first; a parent always precedes its children. [num_nodes]"""
+def best_first_order(tree: DraftTree, scores: np.ndarray | None = None) -> np.ndarray:
+    """Node indices by score (default the tree's), highest first; a parent always precedes its
+    children. [num_nodes]"""
+    scores = tree.scores if scores is None else scores
     # Ties go to the lower index, and a parent has a lower index and a score >= its child's.
-    return np.lexsort((np.arange(tree.num_nodes), -tree.scores))
+    return np.lexsort((np.arange(tree.num_nodes), -scores))
 
 
-def prune(tree: DraftTree, num_nodes: int) -> DraftTree:
-    """Keep the `num_nodes` best nodes; they form a connected tree. Re-indexes parents."""
+def prune(tree: DraftTree, num_nodes: int, scores: np.ndarray | None = None) -> DraftTree:
+    """Keep the `num_nodes` best nodes by `scores` (default the tree's own; none above its
+    parent's); they form a connected tree. Re-indexes parents; the kept nodes keep their own scores."""
     if num_nodes >= tree.num_nodes:
         return tree
-    keep = np.sort(best_first_order(tree)[:num_nodes])  # original order keeps parents first
+    keep = np.sort(best_first_order(tree, scores)[:num_nodes])  # original order keeps parents first
     new_index = np.full(tree.num_nodes, ROOT, dtype=np.int64)
     new_index[keep] = np.arange(len(keep))
     old_parents = tree.parents[keep]

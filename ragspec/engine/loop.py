@@ -12,7 +12,7 @@ from ragspec.config import SamplingConfig
 from ragspec.drafting.base import DraftContext, Drafter
 from ragspec.drafting.budget import NodeBudget
 from ragspec.drafting.suffix_index import TokenBuffer
-from ragspec.drafting.tree import fuse, prune
+from ragspec.drafting.tree import fuse
 from ragspec.sampling import accept_greedy, accept_sampled
 from ragspec.types import DraftTree, SpecStats, StepResult
 from ragspec.verify import TreeVerifier
@@ -33,7 +33,7 @@ def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_len
         return DraftTree.empty(), time.perf_counter() - start
     context = DraftContext(tokens=tokens.view(), max_nodes=min(budget.max_nodes, room))
     tree = fuse([_timed_propose(drafter, context, stats) for drafter in drafters])
-    tree = prune(tree, budget.choose(tree, limit=room))
+    tree = budget.select(tree, limit=room)
     return tree, time.perf_counter() - start
 
 
@@ -76,7 +76,7 @@ def decode_steps(
         else:
             accept = accept_sampled(tree, verified.logits, sampling, generator)
         if budget is not None and verified.verify_s > 0:
-            budget.observe(tree, accept.num_accepted, verified.verify_s)
+            budget.observe(tree, accept.accepted_nodes, verified.verify_s)
         # 5. commit: keep the accepted path's KV; the bonus token becomes the pending token
         verifier.commit(accept)
         new_tokens = [*accept.accepted_tokens, accept.bonus_token]
