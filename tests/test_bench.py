@@ -182,10 +182,28 @@ def test_end_to_end_report_on_a_tiny_model(tiny_engine, data_dir: Path, tmp_path
         else:
             assert cached == {"ragspec-ar": 0, "ragspec": 0}, workload["name"]
         assert methods["hf-greedy"]["cached_prompt_tokens"] is None
+        bound = workload["copy_bound"]
+        assert 1.0 <= bound["suffix_match_mean_acceptance_length"] and 1.0 <= bound["any_copy_mean_acceptance_length"]
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## spec_bench:rag" in markdown and "| ragspec |" in markdown and "## Summary" in markdown
+    assert "Copy bound (ragspec-ar's outputs replayed with hindsight" in markdown
     for png in ("speedup.png", "acceptance_hist.png"):
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_copy_bounds_replay_outputs_step_by_step() -> None:
+    from ragspec.bench.copy_bound import copy_bounds
+
+    # suffix match: step 1 finds no earlier "5" and commits the bonus 1; step 2 matches "1" at the
+    # start and copies 2 3 4 (5 is the bonus). Any copy: step 1 copies 1 2 3 4 at once, 5 is the bonus.
+    bound = copy_bounds([[1, 2, 3, 4, 5]], [[1, 2, 3, 4, 5]])
+    assert bound["suffix_match_mean_acceptance_length"] == 5 / 2
+    assert bound["any_copy_mean_acceptance_length"] == 5 / 1
+    # nothing to copy: every step commits one token
+    bound = copy_bounds([[7, 8]], [[1, 2, 3]])
+    assert bound["suffix_match_mean_acceptance_length"] == bound["any_copy_mean_acceptance_length"] == 1.0
+    # chains are capped at `depth`
+    assert copy_bounds([list(range(10))], [list(range(10))], depth=2)["any_copy_mean_acceptance_length"] == 10 / 4
 
 
 def test_fp32_judge_measures_the_top2_gap_at_the_first_difference(tiny_engine) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ragspec.bench.copy_bound import copy_bounds
 from ragspec.bench.divergence import NOISE_GAP, first_difference
 from ragspec.bench.peers import REFERENCE_METHOD, SPECULATIVE_METHOD, MethodOutput
 from ragspec.types import SpecStats
@@ -107,8 +108,11 @@ def summarize_workload(run: WorkloadRun, dtype: str) -> dict:
     spec = run.outputs.get(SPECULATIVE_METHOD)
     if spec is not None:
         methods[SPECULATIVE_METHOD].update(_speculation_details(spec))
-    return {"name": run.name, "num_prompts": len(run.request_ids), "max_new_tokens": run.max_new_tokens,
-            "methods": methods, **run.extra}
+    entry = {"name": run.name, "num_prompts": len(run.request_ids), "max_new_tokens": run.max_new_tokens,
+             "methods": methods, **run.extra}
+    if reference is not None and run.prompt_ids:
+        entry["copy_bound"] = copy_bounds(run.prompt_ids, [out.token_ids for out in reference])
+    return entry
 
 
 def _method_metrics(outputs: list[MethodOutput]) -> dict:
@@ -248,6 +252,8 @@ def render_markdown(report: dict) -> str:
                   f"max_new_tokens {workload['max_new_tokens']})", "", *_method_table(workload["methods"]), ""]
         if "index" in workload:
             lines += [rag_line(workload), ""]
+        if "copy_bound" in workload:
+            lines += [copy_bound_line(workload), ""]
         lines += divergence_lines(workload)
     lines += ["## Summary", "", "| method | geomean speedup vs ragspec-ar | tok/s overall | identical |",
               "|---|---:|---:|---|"]
@@ -269,6 +275,16 @@ def rag_line(workload: dict) -> str:
             f"{_fmt(index['bytes_per_token'])} bytes/token; retrieval (k={index['k']}) p50 "
             f"{_fmt(index['retrieval_p50_ms'])} ms, p99 {_fmt(index['retrieval_p99_ms'])} ms; datastore scope "
             f"{index['datastore_scope']}; draft ms p50/p99: {latency or '—'}; accepted tokens: {accepted or '—'}.")
+
+
+def copy_bound_line(workload: dict) -> str:
+    """One Markdown line: what copying could accept with hindsight, beside what ragspec accepted."""
+    bound = workload["copy_bound"]
+    spec = workload["methods"].get(SPECULATIVE_METHOD, {}).get("mean_acceptance_length")
+    return (f"Copy bound (ragspec-ar's outputs replayed with hindsight, one chain of <= {bound['depth']} tokens "
+            f"a step): best occurrence of the current suffix {_fmt(bound['suffix_match_mean_acceptance_length'])}, "
+            f"longest copy from anywhere earlier {_fmt(bound['any_copy_mean_acceptance_length'])}; "
+            f"ragspec's mean acceptance length {_fmt(spec)}.")
 
 
 def divergence_lines(workload: dict) -> list[str]:
