@@ -152,18 +152,6 @@ def test_fuse_of_one_trie_keeps_its_paths(tree):
     assert_is_trie(fused)
 
 
-@given(st.lists(draft_trees(), min_size=1, max_size=3), st.floats(0.0, 1.0))
-def test_fuse_weights_scale_scores_and_keep_them_monotone(trees, weight):
-    fused = fuse(trees, weights={"a": weight})
-    assert_valid_tree(fused)
-    assert_monotone(fused)
-    assert set(brute_paths(fused)) == {p for t in trees for p in brute_paths(t)}
-    if weight == 0.0:
-        for path, source, score in zip(brute_paths(fused), fused.sources, fused.scores):
-            if all(s == "a" for t in trees for s, p in zip(t.sources, brute_paths(t)) if p == path):
-                assert score == 0.0
-
-
 def test_fuse_single_tree_with_duplicate_siblings_is_deduplicated():
     """fuse() promises one trie, so a duplicate sibling is verified once. Its single-tree fast
     path returns a drafter's tree unchanged, duplicates included (wasting verify rows)."""

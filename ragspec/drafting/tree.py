@@ -63,15 +63,13 @@ def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:
     return paths
 
 
-def fuse(trees: Sequence[DraftTree], weights: dict[str, float] | None = None) -> DraftTree:
-    """Merge trees into one trie; `weights` scale each source's scores (default 1)."""
-    weights = weights or {}
+def fuse(trees: Sequence[DraftTree]) -> DraftTree:
+    """Merge trees into one trie (how much to trust each source is the budget's calibration)."""
     trie = TrieBuilder()
     for tree in trees:
         node_in_trie: list[int] = []
-        for i, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
-            source = tree.sources[i]
-            score = float(tree.scores[i]) * weights.get(source, 1.0)
+        for token, parent, score, source in zip(tree.token_ids.tolist(), tree.parents.tolist(),
+                                                tree.scores.tolist(), tree.sources):
             trie_parent = ROOT if parent == ROOT else node_in_trie[parent]
             node_in_trie.append(trie.add(trie_parent, token, score, source))
     tree = trie.build()
@@ -79,7 +77,7 @@ def fuse(trees: Sequence[DraftTree], weights: dict[str, float] | None = None) ->
 
 
 def monotone_scores(scores: np.ndarray, parents: np.ndarray) -> np.ndarray:
-    """Each score capped at its parent's (weights and calibration can break the order). [n]"""
+    """Each score capped at its parent's (calibration and rounding can break the order). [n]"""
     scores = scores.copy()
     for i, parent in enumerate(parents.tolist()):
         if parent != ROOT and scores[i] > scores[parent]:
