@@ -242,6 +242,23 @@ def test_prefix_cache_is_lossless_across_chat_turns(tiny_model):
     assert fast.stats.cached_prompt_tokens + 1 < fast.prompt_tokens  # the new turn was prefilled
 
 
+def test_prefix_cache_serves_interleaved_conversations(tiny_llama):
+    """Two chats take turns through one engine: each finds its own earlier turns cached."""
+    engine = Engine(tiny_llama, latency_curve=FLAT_CURVE, prefix_cache_entries=2)
+    cold = Engine(tiny_llama, latency_curve=FLAT_CURVE, prefix_cache=False)
+    chats = {"a": [{"role": "user", "content": "Name two rivers."}],
+             "b": [{"role": "user", "content": "Count to five in French."}]}
+    for name, messages in chats.items():
+        answer = engine.generate(messages, max_new_tokens=MAX_NEW)
+        messages.append({"role": "assistant", "content": answer.text})
+        messages.append({"role": "user", "content": "And once more."})
+    for name, messages in chats.items():
+        out = engine.generate(messages, max_new_tokens=MAX_NEW)
+        assert out.stats.cached_prompt_tokens > len(engine.encode(messages[:1])), name
+        assert out.token_ids == cold.generate(messages, max_new_tokens=MAX_NEW, speculative=False).token_ids, name
+    assert len(engine._prefixes) == 2
+
+
 def test_cache_prefix_warms_the_next_request(tiny_llama):
     engine = Engine(tiny_llama, latency_curve=FLAT_CURVE)
     system = [{"role": "system", "content": "You answer in one short sentence about the sea."}]

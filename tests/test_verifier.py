@@ -139,3 +139,54 @@ def test_prefix_cache_reuse_of_a_whole_prompt(tiny_llama):
     out, reused = verifier.prefill_and_verify([11, 22, 33])
     assert reused == 2
     torch.testing.assert_close(out.logits[0], last_logits(tiny_llama.model, [11, 22, 33]), atol=ATOL, rtol=0)
+
+
+def _kv_entry(token_ids: list[int]):
+    """A KVPrefix with a real two-layer cache whose rows hold their token ids."""
+    from transformers import DynamicCache
+
+    from ragspec.verify import KVPrefix
+
+    cache = DynamicCache()
+    rows = torch.tensor(token_ids, dtype=torch.float32).view(1, 1, -1, 1)
+    for layer in range(2):
+        cache.update(rows.clone(), -rows, layer)
+    return KVPrefix(list(token_ids), cache)
+
+
+def test_prefix_pool_hands_out_the_longest_shared_prefix_and_evicts_the_oldest():
+    from ragspec.verify import PrefixPool
+
+    pool = PrefixPool(max_entries=3, max_tokens=10)
+    a, b = _kv_entry([1, 2, 3]), _kv_entry([1, 2, 9, 9])
+    pool.put(a)
+    pool.put(b)
+    assert pool.take([7, 8]) is None and len(pool) == 2  # nothing shared: entries stay
+    assert pool.take([1, 2, 9, 9, 5]) is b and len(pool) == 1  # continues all of b: b itself, taken out
+    assert pool.take([1, 2, 3, 4]) is a and len(pool) == 0
+    pool.put(a)
+    pool.put(b)
+    pool.put(_kv_entry([4, 4, 4, 4]))  # 11 tokens in all: the oldest goes
+    assert len(pool) == 2 and pool.num_tokens == 8
+    for n in range(5):
+        pool.put(_kv_entry([n]))
+    assert len(pool) == 3
+    big = _kv_entry(list(range(50)))
+    pool.put(big)
+    assert len(pool) == 1 and pool.take(list(range(60))) is big  # one entry is kept whatever its size
+
+
+def test_prefix_pool_copies_a_partly_shared_entry_and_keeps_it():
+    """Two chats under one system prompt: the second gets a copy of the shared rows only."""
+    from ragspec.verify import PrefixPool
+
+    pool = PrefixPool()
+    first_chat = _kv_entry([1, 2, 3, 10, 11])
+    pool.put(first_chat)
+    copy = pool.take([1, 2, 3, 20, 21])
+    assert copy is not first_chat and copy.token_ids == [1, 2, 3] and len(pool) == 1
+    for layer, original in zip(copy.cache.layers, first_chat.cache.layers):
+        assert layer.keys.flatten().tolist() == [1.0, 2.0, 3.0]
+        assert original.keys.shape[2] == 5  # untouched
+    copy.cache.crop(-1)
+    assert first_chat.cache.get_seq_length() == 5 and pool.take([1, 2, 3, 10, 11, 12]) is first_chat

@@ -18,7 +18,8 @@ from ragspec.engine.text import TextAssembler
 from ragspec.errors import ConfigError, PromptTooLong
 from ragspec.models import LoadedModel, cache_dir, load_model
 from ragspec.types import SpecStats
-from ragspec.verify import KVPrefix, TreeVerifier
+from ragspec.verify import KVPrefix, PrefixPool, TreeVerifier
+from ragspec.verify.prefix_pool import DEFAULT_ENTRIES
 
 Prompt = str | Sequence[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
 DrafterFactory = Callable[["Engine"], list[Drafter]]  # called once per request
@@ -66,12 +67,14 @@ class Engine:
         index_home: str | Path | None = None,
         persist_state: bool = True,
         prefix_cache: bool = True,
+        prefix_cache_entries: int = DEFAULT_ENTRIES,
     ):
         """`drafter_factories` replaces the built-in drafters chosen by `spec.drafters`;
         `persist_state=False` keeps learned drafter state off disk (the recycling matrix in the
-        cache dir, past responses in each index directory); `prefix_cache` keeps the last
-        request's KV cache so that a prompt starting with the same tokens (the earlier turns of a
-        chat) prefills only the rest."""
+        cache dir, past responses in each index directory); `prefix_cache` keeps the KV caches of
+        the last `prefix_cache_entries` requests (least recently used dropped first) so that a
+        prompt starting with the same tokens as one of them (the earlier turns of a chat) prefills
+        only the rest."""
         self.target = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.spec = spec or SpecConfig()
         self.drafter_factories = list(drafter_factories or [])
@@ -82,7 +85,7 @@ class Engine:
         self._shared: dict[str, object] = {}  # drafters and estimates that outlive a request
         self._indexes: dict[str, object] = {}
         self.prefix_cache = prefix_cache
-        self._kv_prefix: KVPrefix | None = None
+        self._prefixes = PrefixPool(max_entries=prefix_cache_entries)
 
     @property
     def tokenizer(self):
@@ -123,19 +126,20 @@ class Engine:
             raise ConfigError("this engine was made with prefix_cache=False")
         prompt_ids = self.encode(prompt, add_generation_prompt=False)
         self._check_fits(prompt_ids)
-        verifier = TreeVerifier(self.target, self._take_prefix())
+        verifier = TreeVerifier(self.target, self._take_prefix(prompt_ids))
         verifier.prefill(prompt_ids)  # every token but the last, which the next request feeds
-        self._kv_prefix = verifier.export_prefix()
-        return len(self._kv_prefix.token_ids)
+        prefix = verifier.export_prefix()
+        self._prefixes.put(prefix)
+        return len(prefix.token_ids)
 
     def forget_prefix(self) -> None:
-        """Drop the prefix cache: the next request prefills its whole prompt."""
-        self._kv_prefix = None
+        """Empty the prefix cache: the next request prefills its whole prompt."""
+        self._prefixes.clear()
 
-    def _take_prefix(self) -> KVPrefix | None:
-        """The cached prefix, handed to one request only (a concurrent one starts cold)."""
-        prefix, self._kv_prefix = self._kv_prefix, None
-        return prefix if self.prefix_cache else None
+    def _take_prefix(self, prompt_ids: list[int]) -> KVPrefix | None:
+        """The cached prefix that shares the most leading tokens with `prompt_ids`, handed to one
+        request only (a concurrent one needing it starts cold)."""
+        return self._prefixes.take(prompt_ids) if self.prefix_cache else None
 
     def generate(self, prompt: Prompt, **options) -> Generation:
         """Options: those of `stream`."""
@@ -233,7 +237,7 @@ class Engine:
         eos = self.target.eos_token_ids
         start = time.perf_counter()
         finish_reason = "length"
-        verifier = TreeVerifier(self.target, self._take_prefix())
+        verifier = TreeVerifier(self.target, self._take_prefix(prompt_ids))
         for new_tokens in decode_steps(
             verifier, prompt_ids, drafters=drafters, budget=budget, sampling=sampling, stats=stats
         ):
@@ -256,7 +260,7 @@ class Engine:
         stats.total_s = time.perf_counter() - start
         stats.num_generated_tokens = len(text.token_ids)
         if self.prefix_cache:
-            self._kv_prefix = verifier.export_prefix()
+            self._prefixes.put(verifier.export_prefix())
         for drafter in drafters:
             finish = getattr(drafter, "finish_request", None)
             if finish is not None:

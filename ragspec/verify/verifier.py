@@ -24,6 +24,18 @@ class KVPrefix:
     token_ids: list[int]  # [cached], the cache's rows in order
     cache: object  # transformers DynamicCache with len(token_ids) rows
 
+    def head(self, length: int) -> "KVPrefix | None":
+        """A copy of the first `length` rows (this prefix stays as it is); None for caches that
+        cannot be cut (sliding-window layers)."""
+        from transformers import DynamicCache
+
+        if not _croppable(self.cache):
+            return None
+        copy = DynamicCache()
+        for index, layer in enumerate(self.cache.layers):
+            copy.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)  # update copies
+        return KVPrefix(token_ids=self.token_ids[:length], cache=copy)
+
 
 class TreeVerifier:
     """Owns the target's KV cache for one request.
@@ -75,7 +87,7 @@ class TreeVerifier:
 
     def _reuse_prefix(self, token_ids: list[int]) -> int:
         """Keep the cached rows `token_ids` starts with, drop the rest; return how many were kept."""
-        shared = _common_prefix_length(self.cached_ids, token_ids)
+        shared = common_prefix_length(self.cached_ids, token_ids)
         if self.cache.get_seq_length() > shared:
             self.cache.crop(shared - self.cache.get_seq_length())
         return shared
@@ -130,7 +142,7 @@ class TreeVerifier:
             self.cache.crop(-surplus)
 
 
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:
         return 0
