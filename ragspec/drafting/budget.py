@@ -64,7 +64,8 @@ class NodeBudget:
 
     def calibrated_scores(self, tree: DraftTree) -> np.ndarray:
         """P(node accepted) after calibration, capped at 1 and at the parent's. [num_nodes]"""
-        factors = np.array([self.calibration(source) for source in tree.sources])
+        factor_of = {source: self.calibration(source) for source in set(tree.sources)}  # a few sources, many nodes
+        factors = np.array([factor_of[source] for source in tree.sources])
         return monotone_scores(np.minimum(1.0, tree.scores * factors), tree.parents)
 
     def select(self, tree: DraftTree, limit: int | None = None) -> DraftTree:
