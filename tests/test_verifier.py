@@ -181,12 +181,15 @@ def test_prefix_pool_copies_a_partly_shared_entry_and_keeps_it():
     from ragspec.verify import PrefixPool
 
     pool = PrefixPool()
-    first_chat = _kv_entry([1, 2, 3, 10, 11])
+    first_chat = _kv_entry([1, 2, 3, 10, 11, 12, 13])
     pool.put(first_chat)
     copy = pool.take([1, 2, 3, 20, 21])
     assert copy is not first_chat and copy.token_ids == [1, 2, 3] and len(pool) == 1
     for layer, original in zip(copy.cache.layers, first_chat.cache.layers):
         assert layer.keys.flatten().tolist() == [1.0, 2.0, 3.0]
-        assert original.keys.shape[2] == 5  # untouched
+        assert original.keys.shape[2] == 7  # untouched
     copy.cache.crop(-1)
-    assert first_chat.cache.get_seq_length() == 5 and pool.take([1, 2, 3, 10, 11, 12]) is first_chat
+    assert first_chat.cache.get_seq_length() == 7
+    # the next turn of the first chat shares most of it (its answer re-encoded differently at the
+    # end): it gets the entry itself, no copy
+    assert pool.take([1, 2, 3, 10, 11, 12, 99]) is first_chat and len(pool) == 0

@@ -18,8 +18,8 @@ from ragspec.engine.text import TextAssembler
 from ragspec.errors import ConfigError, PromptTooLong
 from ragspec.models import LoadedModel, cache_dir, load_model
 from ragspec.types import SpecStats
-from ragspec.verify import KVPrefix, PrefixPool, TreeVerifier
-from ragspec.verify.prefix_pool import DEFAULT_ENTRIES
+from ragspec.verify import KVPrefix, TreeVerifier
+from ragspec.verify.prefix_pool import DEFAULT_ENTRIES, PrefixPool
 
 Prompt = str | Sequence[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
 DrafterFactory = Callable[["Engine"], list[Drafter]]  # called once per request
