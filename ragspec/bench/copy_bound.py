@@ -5,7 +5,7 @@ drafts, then one bonus token), and each step drafts one chain of at most `depth`
 hindsight:
 
 - suffix_match: the best continuation among the earlier occurrences of the current suffix that
-  the context drafter's index returns (longest match first, up to 32 occurrences). The context
+  the context drafter's index returns (longest match first, as many as it takes). The context
   drafter's tree aims at this without hindsight.
 - any_copy: the longest run of upcoming tokens found anywhere earlier in the prompt or output.
   No drafter that only copies from the request can accept more.
@@ -20,10 +20,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ragspec.config import SpecConfig
 from ragspec.drafting.suffix_index import NgramIndex
+from ragspec.verify.verifier import common_prefix_length
 
 ORACLE_DEPTH = 32  # longest draft chain considered
-ORACLE_OCCURRENCES = 32  # earlier occurrences of the suffix considered (the drafter's default)
 
 
 def copy_bounds(prompts: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
@@ -53,25 +54,20 @@ def _replay(prompt: Sequence[int], output: Sequence[int], oracle) -> int:
     return steps
 
 
-def _agreement(candidate: np.ndarray, upcoming: Sequence[int]) -> int:
-    """How many leading tokens of `candidate` equal `upcoming`'s."""
-    n = min(len(candidate), len(upcoming))
-    differs = np.flatnonzero(candidate[:n] != np.asarray(upcoming[:n]))
-    return int(differs[0]) if len(differs) else n
-
-
 class _SuffixMatchOracle:
     """Best continuation among the occurrences the context drafter's index finds."""
 
-    def __init__(self, depth: int):
+    def __init__(self, depth: int, config: SpecConfig = SpecConfig()):
         self.index = NgramIndex()
         self.depth = depth
+        self.config = config  # the context drafter's occurrence and match limits
 
     def __call__(self, tokens: list[int], upcoming: Sequence[int]) -> int:
         self.index.extend(tokens[len(self.index):])
         query = np.asarray(tokens, dtype=np.int64)
-        starts, _ = self.index.matches(query, ORACLE_OCCURRENCES, max_match=64)
-        return max((_agreement(self.index.following(s, self.depth), upcoming) for s in starts.tolist()), default=0)
+        starts, _ = self.index.matches(query, self.config.max_occurrences, self.config.max_match)
+        continuations = (self.index.following(start, self.depth) for start in starts.tolist())
+        return max((common_prefix_length(c, upcoming[: self.depth]) for c in continuations), default=0)
 
 
 def _longest_copy(tokens: list[int], upcoming: Sequence[int], depth: int) -> int:
