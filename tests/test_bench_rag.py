@@ -94,6 +94,7 @@ def test_rag_workloads_end_to_end(engine: Engine, data_dir: Path, tmp_path: Path
         assert "datastore" in drafting["draft_latency_p50_ms"], workload["name"]
         assert set(drafting["draft_latency_p99_ms"]) == set(drafting["draft_latency_p50_ms"])
         assert drafting["accepted_per_source"] == workload["methods"]["ragspec"]["accepted_per_source"]
+        assert workload["copy_bound"]["any_copy_mean_acceptance_length"] >= 1.0  # kept beside the RAG keys
     assert [w["index"]["datastore_scope"] for w in report["workloads"]] == ["retrieved", "index"]
     assert report["workloads"][0]["index"]["num_documents"] == 10
     assert report["experiments"] == {}

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ragspec.bench.copy_bound import copy_bounds
 from ragspec.bench.divergence import NOISE_GAP, first_difference
 from ragspec.bench.peers import REFERENCE_METHOD, SPECULATIVE_METHOD, MethodOutput
 from ragspec.types import SpecStats
@@ -40,7 +39,7 @@ class WorkloadRun:
     max_new_tokens: int
     request_ids: list[str]
     outputs: dict[str, list[MethodOutput]]  # method -> one output per request, same order
-    extra: dict = field(default_factory=dict)  # RAG workloads: the entry's "index" and "drafting"
+    extra: dict = field(default_factory=dict)  # more entry keys: "copy_bound"; RAG workloads' "index", "drafting"
     prompt_ids: list[list[int]] = field(default_factory=list)  # [requests] the measured prompts
     checks: dict[str, dict[int, dict]] = field(default_factory=dict)  # method -> prompt index -> DivergenceCheck dict
 
@@ -108,11 +107,8 @@ def summarize_workload(run: WorkloadRun, dtype: str) -> dict:
     spec = run.outputs.get(SPECULATIVE_METHOD)
     if spec is not None:
         methods[SPECULATIVE_METHOD].update(_speculation_details(spec))
-    entry = {"name": run.name, "num_prompts": len(run.request_ids), "max_new_tokens": run.max_new_tokens,
-             "methods": methods, **run.extra}
-    if reference is not None and run.prompt_ids:
-        entry["copy_bound"] = copy_bounds(run.prompt_ids, [out.token_ids for out in reference])
-    return entry
+    return {"name": run.name, "num_prompts": len(run.request_ids), "max_new_tokens": run.max_new_tokens,
+            "methods": methods, **run.extra}
 
 
 def _method_metrics(outputs: list[MethodOutput]) -> dict:

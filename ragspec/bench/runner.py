@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ragspec.bench.copy_bound import copy_bounds
 from ragspec.bench.divergence import Fp32Judge
 from ragspec.bench.experiments import EXPERIMENTS, run_experiment
 from ragspec.bench.peers import (
@@ -179,7 +180,7 @@ def run_workload(workload: Workload, methods: Sequence[Method], engine: Engine, 
         rag = RagRun.build_index(workload, engine, home)
         stack.callback(rag.close)
         run = _run_requests(workload, rag.methods(methods), engine, max_new_tokens, rag.prepare)
-        return dataclasses.replace(run, extra=rag.summary(run.outputs))
+        return dataclasses.replace(run, extra={**run.extra, **rag.summary(run.outputs)})
 
 
 def _run_requests(workload: Workload, methods: Sequence[Method], engine: Engine, max_new_tokens: int,
@@ -205,7 +206,10 @@ def _run_requests(workload: Workload, methods: Sequence[Method], engine: Engine,
                      out.wall_s, len(out.token_ids) / out.wall_s if out.wall_s > 0 else 0.0)
     if not request_ids:
         raise ConfigError(f"workload {workload.name}: no prompt fits the model's context")
-    return WorkloadRun(workload.name, max_new_tokens, request_ids, outputs, prompt_ids=prompt_ids)
+    extra = {}
+    if REFERENCE_METHOD in outputs:  # computed once here, not each time a (partial) report is built
+        extra["copy_bound"] = copy_bounds(prompt_ids, [out.token_ids for out in outputs[REFERENCE_METHOD]])
+    return WorkloadRun(workload.name, max_new_tokens, request_ids, outputs, extra=extra, prompt_ids=prompt_ids)
 
 
 def prepare_messages(engine: Engine, request: Request, max_new_tokens: int) -> list[dict]:
