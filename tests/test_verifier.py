@@ -188,8 +188,10 @@ def test_prefix_pool_copies_a_partly_shared_entry_and_keeps_it():
     for layer, original in zip(copy.cache.layers, first_chat.cache.layers):
         assert layer.keys.flatten().tolist() == [1.0, 2.0, 3.0]
         assert original.keys.shape[2] == 7  # untouched
+    copy.cache.layers[0].keys.zero_()  # the copy owns its rows: writing it leaves the entry as it was
     copy.cache.crop(-1)
     assert first_chat.cache.get_seq_length() == 7
+    assert first_chat.cache.layers[0].keys.flatten().tolist()[:3] == [1.0, 2.0, 3.0]
     # the next turn of the first chat shares most of it (its answer re-encoded differently at the
     # end): it gets the entry itself, no copy
     assert pool.take([1, 2, 3, 10, 11, 12, 99]) is first_chat and len(pool) == 0
