@@ -25,7 +25,9 @@ FLAT_CURVE = LatencyCurve(rows=(1, 64), seconds=(0.010, 0.0101))
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BOOK = DATA_DIR / "corpus" / "pg1342_pride_and_prejudice.txt"
 
-TINY_ARCHITECTURES = ("llama", "qwen2")
+# mistral: every layer a 16-token sliding window; gemma3: sliding and full layers alternate.
+TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
+TINY_WINDOW = 16
 # `make gpu-check` runs the lossless tests with RAGSPEC_TEST_DEVICE=cuda.
 TEST_DEVICE = os.environ.get("RAGSPEC_TEST_DEVICE", "cpu")
 
@@ -48,7 +50,7 @@ def tokenizer():
 def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, max_positions: int = 2048):
     """A 2-layer random causal LM in float32, in eval mode, with the attention ragspec picks for
     the test device (matmul attention for short query blocks on CPU, SDPA on CUDA)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size,
@@ -63,7 +65,14 @@ def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, max_positions
         pad_token_id=None,
         tie_word_embeddings=False,
     )
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+    config = {
+        "llama": lambda: LlamaConfig(**common),
+        "qwen2": lambda: Qwen2Config(**common),
+        "mistral": lambda: MistralConfig(sliding_window=TINY_WINDOW, **common),
+        "gemma3": lambda: Gemma3TextConfig(
+            sliding_window=TINY_WINDOW, layer_types=["sliding_attention", "full_attention"], head_dim=16, **common
+        ),
+    }[arch]()
     attention = attention_for(torch.device(TEST_DEVICE))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)

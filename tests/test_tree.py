@@ -10,10 +10,13 @@ from hypothesis import strategies as st
 
 from ragspec.drafting.tree import TrieBuilder, best_first_order, fuse, monotone_scores, node_paths, prune
 from ragspec.types import ROOT, DraftTree
+from ragspec.errors import UnsupportedModel
 from ragspec.verify.tree_attention import (
     ancestor_matrix,
+    layer_windows,
     node_depths,
     tree_attention_mask,
+    tree_attention_masks,
     tree_position_ids,
 )
 
@@ -259,6 +262,45 @@ def test_tree_attention_mask_layout(tree, past):
     tail = m[:, past:]
     assert torch.all(tail[torch.as_tensor(visible)] == 0)
     assert torch.all(tail[~torch.as_tensor(visible)] == torch.finfo(torch.float32).min)
+
+
+@given(draft_trees(max_nodes=12), st.integers(0, 9), st.integers(1, 8))
+@settings(max_examples=40)
+def test_sliding_window_mask_hides_keys_a_window_back(tree, past, window):
+    """A row at position p sees key k iff the plain tree mask shows it and k's position > p - window."""
+    plain = tree_attention_mask(tree.parents, past, torch.float32, torch.device("cpu"))[0, 0] == 0
+    windowed = tree_attention_mask(tree.parents, past, torch.float32, torch.device("cpu"), window)[0, 0] == 0
+    depths = [0, *node_depths(tree.parents).tolist()]
+    row_positions = [past + d for d in depths]
+    key_positions = list(range(past)) + row_positions
+    for row, p in enumerate(row_positions):
+        for key, k in enumerate(key_positions):
+            assert windowed[row, key] == (plain[row, key] and k > p - window)
+
+
+def test_masks_per_layer_type():
+    class Config:  # the attributes transformers configs use
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    parents = np.array([ROOT, 0, 1], dtype=np.int64)
+    cpu = torch.device("cpu")
+    llama = layer_windows(Config())
+    assert llama == {"*": None}
+    assert torch.equal(tree_attention_masks(llama, parents, 5, torch.float32, cpu),
+                       tree_attention_mask(parents, 5, torch.float32, cpu))
+    mistral = layer_windows(Config(sliding_window=3))
+    assert torch.equal(tree_attention_masks(mistral, parents, 5, torch.float32, cpu),
+                       tree_attention_mask(parents, 5, torch.float32, cpu, 3))
+    full_only = layer_windows(Config(sliding_window=3, layer_types=["full_attention"] * 2))
+    assert torch.is_tensor(tree_attention_masks(full_only, parents, 5, torch.float32, cpu))
+    mixed = tree_attention_masks(layer_windows(Config(sliding_window=3, layer_types=["sliding_attention", "full_attention"])),
+                                 parents, 5, torch.float32, cpu)
+    assert torch.equal(mixed["full_attention"], tree_attention_mask(parents, 5, torch.float32, cpu))
+    assert torch.equal(mixed["sliding_attention"], tree_attention_mask(parents, 5, torch.float32, cpu, 3))
+    with pytest.raises(UnsupportedModel, match="linear_attention"):
+        tree_attention_masks(layer_windows(Config(layer_types=["linear_attention", "full_attention"])),
+                             parents, 5, torch.float32, cpu)
 
 
 def test_chain_tree_attention_is_causal():

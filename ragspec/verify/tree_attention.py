@@ -3,6 +3,8 @@
 The verify input is [pending token, node 0, node 1, ...]. Row 0 is the pending token (depth 0);
 row i + 1 is tree node i. Every row sees the whole committed KV cache, then the pending token,
 its own ancestors and itself: exactly what it would see if its path were decoded token by token.
+In a sliding-window layer (Mistral, Gemma 2/3, Qwen2 with use_sliding_window) a row at position p
+sees only keys at positions above p - window, transformers' rule, so those layers get their own mask.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ragspec.errors import UnsupportedModel
 from ragspec.types import ROOT
 
 
@@ -42,16 +45,51 @@ def tree_position_ids(parents: np.ndarray, past_length: int, device: torch.devic
 
 
 def tree_attention_mask(
-    parents: np.ndarray, past_length: int, dtype: torch.dtype, device: torch.device
+    parents: np.ndarray, past_length: int, dtype: torch.dtype, device: torch.device,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Additive mask over [committed cache, verify rows]: 0 = visible, dtype min = hidden.
 
-    Shape [1, 1, 1+n, past_length + 1+n], the 4D form transformers models accept as is.
+    Shape [1, 1, 1+n, past_length + 1+n], the 4D form transformers models accept as is. With
+    `sliding_window` w, a row at position p also hides every key at a position <= p - w.
     """
     visible = torch.as_tensor(ancestor_matrix(parents), device=device)
     rows = visible.shape[0]
     full = torch.ones(rows, past_length + rows, dtype=torch.bool, device=device)
     full[:, past_length:] = visible
+    if sliding_window is not None:
+        row_positions = tree_position_ids(parents, past_length, device)[0]  # [1+n]
+        key_positions = torch.cat([torch.arange(past_length, device=device), row_positions])
+        full &= key_positions[None, :] > row_positions[:, None] - sliding_window
     mask = torch.zeros(full.shape, dtype=dtype, device=device)
     mask.masked_fill_(~full, torch.finfo(dtype).min)
     return mask[None, None]
+
+
+def layer_windows(config) -> dict[str, int | None]:
+    """Sliding window of each attention layer type of a transformers `config` (None: full attention).
+
+    Configs with `layer_types` (Qwen2, Gemma 3, ...) name a type per layer; the others use one
+    type, "*", windowed when the config sets `sliding_window` (Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return {"*": window}
+    return {kind: window if kind == "sliding_attention" else None for kind in set(types)}
+
+
+def tree_attention_masks(
+    windows: dict[str, int | None], parents: np.ndarray, past_length: int, dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The `attention_mask` argument for a verify forward: one 4D mask (`tree_attention_mask`) when
+    every layer attends alike, else a mask per layer type, the mapping transformers models take."""
+    unknown = set(windows) - {"*", "full_attention", "sliding_attention"}
+    if unknown:
+        raise UnsupportedModel(
+            f"tree verification handles full and sliding-window attention layers, not {sorted(unknown)}: "
+            "turn speculation off for this model (speculative=False, --no-spec)"
+        )
+    if "*" in windows or all(window is None for window in windows.values()):
+        return tree_attention_mask(parents, past_length, dtype, device, windows.get("*"))
+    return {kind: tree_attention_mask(parents, past_length, dtype, device, window) for kind, window in windows.items()}

@@ -14,7 +14,7 @@ import torch
 
 from ragspec.models import LoadedModel
 from ragspec.types import AcceptResult, DraftTree, VerifyOutput
-from ragspec.verify.tree_attention import tree_attention_mask, tree_position_ids
+from ragspec.verify.tree_attention import layer_windows, tree_attention_masks, tree_position_ids
 
 
 @dataclass
@@ -24,13 +24,10 @@ class KVPrefix:
     token_ids: list[int]  # [cached], the cache's rows in order
     cache: object  # transformers DynamicCache with len(token_ids) rows
 
-    def head(self, length: int) -> "KVPrefix | None":
-        """A copy of the first `length` rows (this prefix stays as it is); None for caches that
-        cannot be cut (sliding-window layers)."""
+    def head(self, length: int) -> "KVPrefix":
+        """A copy of the first `length` rows (this prefix stays as it is)."""
         from transformers import DynamicCache
 
-        if not _croppable(self.cache):
-            return None
         copy = DynamicCache()
         for index, layer in enumerate(self.cache.layers):
             copy.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)  # update copies
@@ -45,13 +42,12 @@ class TreeVerifier:
     """
 
     def __init__(self, target: LoadedModel, prefix: KVPrefix | None = None):
-        from transformers import DynamicCache
-
         self.target = target
-        if prefix is not None and _croppable(prefix.cache):  # handed over: the caller keeps no copy
+        self.windows = layer_windows(target.model.config)
+        if prefix is not None:  # handed over: the caller keeps no copy
             self.cache, self.cached_ids = prefix.cache, prefix.token_ids
         else:
-            self.cache, self.cached_ids = DynamicCache(config=target.model.config), []
+            self.cache, self.cached_ids = full_attention_cache(target.model.config), []
         self._pending_token: int | None = None  # the last verify's first row
 
     @property
@@ -107,7 +103,7 @@ class TreeVerifier:
         if tree.num_nodes == 0:
             mask, positions = None, None  # plain decoding: causal attention over the cache
         else:
-            mask = tree_attention_mask(tree.parents, self.past_length, self.target.dtype, device)
+            mask = tree_attention_masks(self.windows, tree.parents, self.past_length, self.target.dtype, device)
             positions = tree_position_ids(tree.parents, self.past_length, device)
         out = self.target.model(
             input_ids=ids,
@@ -150,8 +146,13 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return int(differs[0]) if len(differs) else n
 
 
-def _croppable(cache) -> bool:
-    """Only full-attention layers can be cut back to a shorter prefix (a sliding window forgets)."""
-    from transformers.cache_utils import DynamicLayer
+def full_attention_cache(config):
+    """A DynamicCache for `config` whose sliding-window layers keep all rows like the others (the
+    attention masks apply the window), so that rejected tree rows can be cropped away."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    cache = DynamicCache(config=config)
+    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
+    return cache
+
