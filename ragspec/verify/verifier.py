@@ -24,10 +24,13 @@ class KVPrefix:
     token_ids: list[int]  # [cached], the cache's rows in order
     cache: object  # transformers DynamicCache with len(token_ids) rows
 
-    def head(self, length: int) -> "KVPrefix":
-        """A copy of the first `length` rows (this prefix stays as it is)."""
+    def head(self, length: int) -> "KVPrefix | None":
+        """A copy of the first `length` rows (this prefix stays as it is); None for caches that
+        cannot be cut (layers other than attention, e.g. a linear-attention or SSM state)."""
         from transformers import DynamicCache
 
+        if not _croppable(self.cache):
+            return None
         copy = DynamicCache()
         for index, layer in enumerate(self.cache.layers):
             copy.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)  # update copies
@@ -44,7 +47,7 @@ class TreeVerifier:
     def __init__(self, target: LoadedModel, prefix: KVPrefix | None = None):
         self.target = target
         self.windows = layer_windows(target.model.config)
-        if prefix is not None:  # handed over: the caller keeps no copy
+        if prefix is not None and _croppable(prefix.cache):  # handed over: the caller keeps no copy
             self.cache, self.cached_ids = prefix.cache, prefix.token_ids
         else:
             self.cache, self.cached_ids = full_attention_cache(target.model.config), []
@@ -156,3 +159,9 @@ def full_attention_cache(config):
     cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
     return cache
 
+
+def _croppable(cache) -> bool:
+    """Attention layers that keep every row can be cut back to a shorter prefix."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
