@@ -65,14 +65,14 @@ def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, max_positions
         pad_token_id=None,
         tie_word_embeddings=False,
     )
-    config = {
-        "llama": lambda: LlamaConfig(**common),
-        "qwen2": lambda: Qwen2Config(**common),
-        "mistral": lambda: MistralConfig(sliding_window=TINY_WINDOW, **common),
-        "gemma3": lambda: Gemma3TextConfig(
-            sliding_window=TINY_WINDOW, layer_types=["sliding_attention", "full_attention"], head_dim=16, **common
-        ),
-    }[arch]()
+    config_class, extra = {
+        "llama": (LlamaConfig, {}),
+        "qwen2": (Qwen2Config, {}),
+        "mistral": (MistralConfig, dict(sliding_window=TINY_WINDOW)),
+        "gemma3": (Gemma3TextConfig, dict(sliding_window=TINY_WINDOW, head_dim=16,
+                                          layer_types=["sliding_attention", "full_attention"])),
+    }[arch]
+    config = config_class(**common, **extra)
     attention = attention_for(torch.device(TEST_DEVICE))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)

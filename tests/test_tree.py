@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -279,10 +281,7 @@ def test_sliding_window_mask_hides_keys_a_window_back(tree, past, window):
 
 
 def test_masks_per_layer_type():
-    class Config:  # the attributes transformers configs use
-        def __init__(self, **kwargs):
-            self.__dict__.update(kwargs)
-
+    Config = SimpleNamespace  # with the attributes transformers configs use
     parents = np.array([ROOT, 0, 1], dtype=np.int64)
     cpu = torch.device("cpu")
     llama = layer_windows(Config())

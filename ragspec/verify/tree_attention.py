@@ -53,17 +53,7 @@ def tree_attention_mask(
     Shape [1, 1, 1+n, past_length + 1+n], the 4D form transformers models accept as is. With
     `sliding_window` w, a row at position p also hides every key at a position <= p - w.
     """
-    visible = torch.as_tensor(ancestor_matrix(parents), device=device)
-    rows = visible.shape[0]
-    full = torch.ones(rows, past_length + rows, dtype=torch.bool, device=device)
-    full[:, past_length:] = visible
-    if sliding_window is not None:
-        row_positions = tree_position_ids(parents, past_length, device)[0]  # [1+n]
-        key_positions = torch.cat([torch.arange(past_length, device=device), row_positions])
-        full &= key_positions[None, :] > row_positions[:, None] - sliding_window
-    mask = torch.zeros(full.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~full, torch.finfo(dtype).min)
-    return mask[None, None]
+    return tree_attention_masks({"*": sliding_window}, parents, past_length, dtype, device)
 
 
 def layer_windows(config) -> dict[str, int | None]:
@@ -80,16 +70,38 @@ def layer_windows(config) -> dict[str, int | None]:
 
 def tree_attention_masks(
     windows: dict[str, int | None], parents: np.ndarray, past_length: int, dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device, positions: torch.Tensor | None = None,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The `attention_mask` argument for a verify forward: one 4D mask (`tree_attention_mask`) when
-    every layer attends alike, else a mask per layer type, the mapping transformers models take."""
+    """The `attention_mask` argument for a verify forward over the `windows` of `layer_windows`:
+    one 4D mask (`tree_attention_mask`) when every layer attends alike, else a mask per layer
+    type, the mapping transformers models take. `positions`: the rows' `tree_position_ids`,
+    if already computed."""
     unknown = set(windows) - {"*", "full_attention", "sliding_attention"}
     if unknown:
         raise UnsupportedModel(
             f"tree verification handles full and sliding-window attention layers, not {sorted(unknown)}: "
             "turn speculation off for this model (speculative=False, --no-spec)"
         )
-    if "*" in windows or all(window is None for window in windows.values()):
-        return tree_attention_mask(parents, past_length, dtype, device, windows.get("*"))
-    return {kind: tree_attention_mask(parents, past_length, dtype, device, window) for kind, window in windows.items()}
+    visible = torch.as_tensor(ancestor_matrix(parents), device=device)
+    rows = visible.shape[0]
+    full = torch.ones(rows, past_length + rows, dtype=torch.bool, device=device)
+    full[:, past_length:] = visible
+    if all(window is None for window in windows.values()):
+        return _additive(full, dtype)
+    row_positions = (tree_position_ids(parents, past_length, device) if positions is None else positions)[0]
+    key_positions = torch.cat([torch.arange(past_length, device=device), row_positions])
+    behind = row_positions[:, None] - key_positions[None, :]  # [1+n, past + 1+n]
+
+    def mask(window: int | None) -> torch.Tensor:
+        return _additive(full if window is None else full & (behind < window), dtype)
+
+    if "*" in windows:
+        return mask(windows["*"])
+    return {kind: mask(window) for kind, window in windows.items()}
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, rows, keys]: 0 where `visible`, the dtype's minimum elsewhere."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[None, None]

@@ -106,8 +106,8 @@ class TreeVerifier:
         if tree.num_nodes == 0:
             mask, positions = None, None  # plain decoding: causal attention over the cache
         else:
-            mask = tree_attention_masks(self.windows, tree.parents, self.past_length, self.target.dtype, device)
             positions = tree_position_ids(tree.parents, self.past_length, device)
+            mask = tree_attention_masks(self.windows, tree.parents, self.past_length, self.target.dtype, device, positions)
         out = self.target.model(
             input_ids=ids,
             attention_mask=mask,
