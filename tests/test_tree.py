@@ -281,22 +281,31 @@ def test_sliding_window_mask_hides_keys_a_window_back(tree, past, window):
 
 
 def test_masks_per_layer_type():
+    """A chain of 3 nodes after 5 committed tokens: rows at positions 5-8 over keys 0-8, each row
+    seeing the keys up to its own position, and in a window of w only the last w of them."""
     Config = SimpleNamespace  # with the attributes transformers configs use
     parents = np.array([ROOT, 0, 1], dtype=np.int64)
     cpu = torch.device("cpu")
-    llama = layer_windows(Config())
-    assert llama == {"*": None}
-    assert torch.equal(tree_attention_masks(llama, parents, 5, torch.float32, cpu),
-                       tree_attention_mask(parents, 5, torch.float32, cpu))
+    row, key = np.arange(5, 9)[:, None], np.arange(9)[None, :]
+
+    def expected(window=None):
+        return (key <= row) & (row - key < (window or 99))
+
+    def visible(mask):
+        assert mask.shape == (1, 1, 4, 9)
+        return (mask[0, 0] == 0).numpy()
+
+    np.testing.assert_array_equal(visible(tree_attention_masks(layer_windows(Config()), parents, 5, torch.float32, cpu)),
+                                  expected())
     mistral = layer_windows(Config(sliding_window=3))
-    assert torch.equal(tree_attention_masks(mistral, parents, 5, torch.float32, cpu),
-                       tree_attention_mask(parents, 5, torch.float32, cpu, 3))
+    np.testing.assert_array_equal(visible(tree_attention_masks(mistral, parents, 5, torch.float32, cpu)), expected(3))
     full_only = layer_windows(Config(sliding_window=3, layer_types=["full_attention"] * 2))
-    assert torch.is_tensor(tree_attention_masks(full_only, parents, 5, torch.float32, cpu))
+    np.testing.assert_array_equal(visible(tree_attention_masks(full_only, parents, 5, torch.float32, cpu)), expected())
     mixed = tree_attention_masks(layer_windows(Config(sliding_window=3, layer_types=["sliding_attention", "full_attention"])),
                                  parents, 5, torch.float32, cpu)
-    assert torch.equal(mixed["full_attention"], tree_attention_mask(parents, 5, torch.float32, cpu))
-    assert torch.equal(mixed["sliding_attention"], tree_attention_mask(parents, 5, torch.float32, cpu, 3))
+    assert set(mixed) == {"sliding_attention", "full_attention"}
+    np.testing.assert_array_equal(visible(mixed["full_attention"]), expected())
+    np.testing.assert_array_equal(visible(mixed["sliding_attention"]), expected(3))
     with pytest.raises(UnsupportedModel, match="linear_attention"):
         tree_attention_masks(layer_windows(Config(layer_types=["linear_attention", "full_attention"])),
                              parents, 5, torch.float32, cpu)
