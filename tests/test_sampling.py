@@ -123,12 +123,19 @@ def test_sampled_acceptance_matches_the_target_distribution(sampling):
     likely = int(p1.argmax())
     unlikely = int(p1.argmin())
     likely2 = int(p2[likely].argmax())
-    # tree: two root children, grandchildren under the likely one (one of them unlikely), and a
-    # third level whose logits are never needed for the first two tokens
-    tokens = [likely, unlikely, likely2, (likely2 + 1) % VOCAB, 0]
-    parents = [ROOT, ROOT, 0, 0, 2]
+    # tree: two root children, grandchildren under the likely one (one of them unlikely), a third
+    # level whose logits are never needed for the first two tokens, and duplicates: a second root
+    # child carrying `likely` (n5) and a second `likely2` under n0 (n6). The duplicates' rows are
+    # a wrong distribution (a point mass on the least likely x2): a walk that followed n5 instead
+    # of n0 would draw x2 from it, and the chi-square below would see it.
+    wrong = torch.full((VOCAB,), -30.0)
+    wrong[int(p2[likely].argmin())] = 30.0
+    tokens = [likely, unlikely, likely2, (likely2 + 1) % VOCAB, 0, likely, likely2]
+    parents = [ROOT, ROOT, 0, 0, 2, ROOT, 0]
     tree = tree_of(tokens, parents)
-    rows = [first, second[likely], second[unlikely], torch.zeros(VOCAB), torch.zeros(VOCAB), torch.zeros(VOCAB)]
+    assert len(set(zip(tokens, parents))) == len(tokens) - 2, "two duplicate children"
+    rows = [first, second[likely], second[unlikely], torch.zeros(VOCAB), torch.zeros(VOCAB), torch.zeros(VOCAB),
+            wrong, wrong]
     logits = torch.stack(rows)
     generator = torch.Generator().manual_seed(1234)
     draws = 6000
