@@ -16,10 +16,14 @@ import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ragspec.errors import ModelNotFound, UnsupportedModel
+
+if TYPE_CHECKING:
+    from ragspec.kernels.select import KernelPlan
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,8 @@ class LoadedModel:
     model: torch.nn.Module  # a transformers causal LM in eval mode
     tokenizer: object  # a transformers tokenizer
     name: str
-    packed_linears: bool = False  # fp32/bf16 on CPU: linear weights prepacked (ragspec.verify.linear)
+    kernels: KernelPlan | None = None  # load_model: the CPU kernels chosen and why (ragspec.kernels.select)
+    source_identity: str | None = None  # load_model: files_identity() of the directory loaded from
 
     @property
     def device(self) -> torch.device:
@@ -62,18 +67,59 @@ class LoadedModel:
         digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
         return digest[:16]
 
+    @cached_property
+    def identity(self) -> str:
+        """Which model this is, for state learned from its outputs (the recycling matrix).
+
+        Loaded from files: the resolved path and the names, sizes and mtimes of the files
+        (`files_identity`): cheap, and it changes when the weights are replaced. Built in-process
+        (tests, callers wrapping their own module): a hash of the config and of a strided sample
+        of every weight tensor (256 values each): models built differently (another seed, another
+        fine-tune, another shape) differ there, while the same weights built again (same seed)
+        get the same state. Two models that differ only in weights outside the sample collide.
+        """
+        if self.source_identity is not None:
+            return self.source_identity
+        digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+        for name, tensor in self.model.state_dict().items():
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                flat = tensor.detach().reshape(-1)
+                picks = torch.linspace(0, flat.numel() - 1, min(256, flat.numel()), device=flat.device).long()
+                digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+                digest.update(flat[picks].to("cpu", torch.float32).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     @property
-    def fingerprint(self) -> str:
-        """Identifies model + device + dtype + kernels, for caches such as the latency curve."""
+    def packed_linears(self) -> bool:
+        """The linear layers run with prepacked weights (ragspec.kernels.linear)."""
+        from ragspec.kernels.linear import PackedLinear
+
+        return any(isinstance(module, PackedLinear) for module in self.model.modules())
+
+    @property
+    def model_fingerprint(self) -> str:
+        """Identifies model + device + dtype, for caches such as the kernel timings."""
         config = self.model.config
         shape = f"{config.model_type}-{getattr(config, 'num_hidden_layers', 0)}-{getattr(config, 'hidden_size', 0)}"
-        dtype = str(self.dtype).removeprefix("torch.")
+        return f"{self.name}-{shape}-{self.device.type}-{str(self.dtype).removeprefix('torch.')}"
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies model + device + dtype + the kernels the model runs now (attention and
+        whether linears are packed), for caches such as the latency curve."""
         packed = "-packed" if self.packed_linears else ""
-        return f"{self.name}-{shape}-{self.device.type}-{dtype}-{config._attn_implementation}{packed}"
+        return f"{self.model_fingerprint}-{self.model.config._attn_implementation}{packed}"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RAGSPEC_CACHE_DIR", Path.home() / ".cache" / "ragspec"))
+
+
+def files_identity(directory: Path) -> str:
+    """Hash of a model directory's resolved path and its files' names, sizes and mtimes."""
+    directory = Path(directory).resolve()
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in directory.iterdir() if f.is_file())
+    return hashlib.sha256(json.dumps([str(directory), files]).encode()).hexdigest()[:16]
 
 
 def embedded_model_path() -> Path:
@@ -111,11 +157,11 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 
 
 def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """avx512_bf16/AMX in the CPU flags, and oneDNN really runs bf16 here (its own check and a
+    bf16 packed linear on a tiny input: ONEDNN_MAX_CPU_ISA or an old oneDNN can rule it out)."""
+    from ragspec.kernels.probe import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
 
 
 def load_model(
@@ -123,8 +169,11 @@ def load_model(
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
+    kernels: str = "auto",
 ) -> LoadedModel:
-    """Load a causal LM: None for the embedded default, an HF directory, or a .gguf file."""
+    """Load a causal LM: None for the embedded default, an HF directory, or a .gguf file.
+    On CPUs, `kernels` "auto" probes ragspec's kernels and times them against the plain ops on
+    this model once (cached), "fast" uses them wherever they run, "plain" never."""
     target_device = pick_device(device)
     target_dtype = pick_dtype(target_device, dtype)
     if path is None or str(path) == EMBEDDED_MODEL:
@@ -139,19 +188,22 @@ def load_model(
             raise ModelNotFound(
                 f"no model at {path}: give an HF model directory (with config.json) or a .gguf file"
             )
-    model, tokenizer = _load_hf_dir(model_dir, target_dtype, attention_for(target_device))
+    model, tokenizer = _load_hf_dir(model_dir, target_dtype, "sdpa")
     model = model.to(target_device).eval()
-    from ragspec.verify.linear import pack_linears  # lazily: ragspec.verify imports this module
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, source_identity=files_identity(model_dir))
+    from ragspec.kernels.select import choose_kernels  # lazily: it runs the verifier, which imports this module
 
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, packed_linears=pack_linears(model))
+    loaded.kernels = choose_kernels(loaded, cache_dir() / "kernels" / f"{loaded.model_fingerprint}.json", kernels)
+    return loaded
 
 
 def attention_for(device: torch.device) -> str:
     """On CPUs, matmul attention for decode and verify steps (SDPA for prefill), much faster over
-    long KV caches there (see ragspec.verify.attention); SDPA elsewhere."""
+    long KV caches there (see ragspec.kernels.attention); SDPA elsewhere. load_model loads with
+    SDPA and lets ragspec.kernels.select switch to it where it runs and wins."""
     if device.type != "cpu":
         return "sdpa"
-    from ragspec.verify.attention import register
+    from ragspec.kernels.attention import register
 
     return register()
 

@@ -7,18 +7,45 @@ that context drafts do get accepted.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
+# Before anything loads: tests never read or write the user's caches. One temporary cache dir per
+# test session (subprocesses and spawned workers inherit it, so the CLI tests share it); learned
+# state (recycling, latency curves) starts fresh every session. Only the dequantised embedded
+# model (~500 MB, ~18 s to make) is kept between sessions, in the git-ignored .cache/test-models
+# of this checkout, linked into the temporary dir.
+TEST_MODELS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "test-models"
+
+
+def _session_cache_dir() -> Path:
+    inherited = os.environ.get("RAGSPEC_TEST_CACHE_DIR")
+    if inherited and inherited == os.environ.get("RAGSPEC_CACHE_DIR") and Path(inherited).is_dir():
+        return Path(inherited)  # a subprocess of a test session: share its cache
+    cache = Path(tempfile.mkdtemp(prefix="ragspec-test-cache-"))
+    TEST_MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    (cache / "models").symlink_to(TEST_MODELS_DIR, target_is_directory=True)
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    os.environ["RAGSPEC_CACHE_DIR"] = os.environ["RAGSPEC_TEST_CACHE_DIR"] = str(cache)
+    os.environ["HF_HOME"] = str(cache / "huggingface")  # nothing is fetched: offline, empty
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return cache
+
+
+SESSION_CACHE_DIR = _session_cache_dir()
+
+import pytest  # after the cache dir is set
 import torch
 from hypothesis import settings
 
 from ragspec import Engine, LoadedModel
 from ragspec.drafting.budget import LatencyCurve
 from ragspec.models import _dequantised_dir, attention_for, embedded_model_path
-from ragspec.verify.linear import pack_linears
+from ragspec.kernels.select import choose_kernels
 
 # Nearly flat: verifying 64 nodes costs about what 1 costs, so the budget speculates a lot.
 FLAT_CURVE = LatencyCurve(rows=(1, 64), seconds=(0.010, 0.0101))
@@ -80,9 +107,11 @@ def build_tiny_model(arch: str, vocab_size: int, *, seed: int = 0, max_positions
 
 
 def tiny_loaded(arch: str, tokenizer, **kwargs) -> LoadedModel:
-    """Packed like a loaded fp32 CPU model, so the lossless tests run the kernels users get."""
-    model = build_tiny_model(arch, len(tokenizer), **kwargs)
-    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}", packed_linears=pack_linears(model))
+    """With ragspec's CPU kernels wherever they run here (packed linears, matmul attention), so
+    the lossless tests run them; the plain ops they replace have tests of their own (test_kernels)."""
+    loaded = LoadedModel(model=build_tiny_model(arch, len(tokenizer), **kwargs), tokenizer=tokenizer, name=f"tiny-{arch}")
+    loaded.kernels = choose_kernels(loaded, mode="fast")
+    return loaded
 
 
 @pytest.fixture(scope="session", params=TINY_ARCHITECTURES)

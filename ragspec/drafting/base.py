@@ -6,13 +6,25 @@ A drafter never touches the target. Two verbs: `propose(context) -> DraftTree` a
 
 from __future__ import annotations
 
+import contextlib
+import glob
+import logging
+import os
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Callable, Protocol
 
 import numpy as np
 
 from ragspec.types import ROOT, DraftTree, StepResult
+
+log = logging.getLogger(__name__)
+
+TEMP_SUFFIX = ".tmp"
+STALE_TEMP_S = 600.0  # a temporary file this old belongs to a writer that was killed
+_warned_paths: set[Path] = set()  # paths whose failed save was already reported
 
 
 @dataclass(frozen=True)
@@ -32,12 +44,81 @@ class Drafter(Protocol):
     def observe(self, step: StepResult) -> None: ...
 
 
-def save_state(path: Path, array: np.ndarray) -> None:
-    """Save a drafter's learned state as .npy by atomic replace: readers never see half a file."""
+def save_state(path: Path, array: np.ndarray) -> bool:
+    """Save a drafter's learned state as .npy; False (and a warning, once per path) when it fails.
+
+    Never raises: learned state is a cache, and a request that produced its answer must not
+    fail because the cache dir is read-only or full. See `write_atomically` for what readers
+    and concurrent writers see.
+    """
+    try:
+        write_atomically(path, lambda file: np.save(file, array, allow_pickle=False))
+    except Exception as exc:  # noqa: BLE001 - any failure to write a cache is only a warning
+        warn_once(path, "cannot save learned state to %s: %s", path, exc)
+        return False
+    return True
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` through a unique temporary file in its directory, fsynced, then renamed over it.
+
+    Readers see the old file or the new one, whole, never a part. Concurrent writers (two
+    processes sharing a cache dir or an index) each write their own temporary file; the last
+    rename wins, the other writer's version is dropped whole (learned state: the loser's
+    learning since it loaded stays in its memory and reaches the file at its next save). A
+    process killed mid-write leaves only an orphaned `.<name>.*.tmp` file, which
+    `remove_stale_temporaries` deletes later. On failure the temporary file is removed and the
+    error raised.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+def remove_stale_temporaries(path: Path, older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete the temporary files of writes to `path` that were killed (older than any live
+    write could be). Returns how many were removed; errors are ignored."""
+    removed, now = 0, time.time()
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > older_than_s:
+                    tmp.unlink()
+                    removed += 1
+    return removed
+
+
+def load_state(path: Path | None, what: str) -> np.ndarray | None:
+    """A saved .npy array, or None when there is none or it cannot be read (with a warning).
+
+    Catches everything: an empty, truncated or foreign file must never fail a request, it only
+    costs the learned state. Pickled arrays are refused. Callers check shape and values.
+    """
+    if path is None or not path.is_file():
+        return None
+    remove_stale_temporaries(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - unreadable learned state is only a warning
+        log.warning("ignoring unreadable %s %s (%s: %s); starting fresh", what, path, type(exc).__name__, exc)
+        return None
+
+
+def warn_once(path: Path, message: str, *args) -> None:
+    if path in _warned_paths:
+        log.debug(message, *args)
+    else:
+        _warned_paths.add(path)
+        log.warning(message, *args)
 
 
 def target_continuation(step: StepResult) -> list[int]:

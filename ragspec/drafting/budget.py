@@ -14,10 +14,12 @@ import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ragspec.drafting.base import warn_once, write_atomically
 from ragspec.drafting.tree import monotone_scores, prune
 from ragspec.models import LoadedModel, cache_dir
 from ragspec.types import DraftTree
@@ -102,18 +104,44 @@ class NodeBudget:
 
 
 def load_or_measure_curve(target: LoadedModel, rows: tuple[int, ...] = PROFILE_ROWS) -> LatencyCurve:
-    """The cached curve for this model/device/dtype, measured (a few seconds) when missing."""
+    """The cached curve for this model/device/dtype, measured (a few seconds) when missing or
+    unreadable. The cache file is written like learned state (`write_atomically`): concurrent
+    processes each measure and the last one's curve is kept; a failed write is only a warning."""
     path = cache_dir() / "latency" / f"{target.fingerprint}.json"
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-            return LatencyCurve(rows=tuple(data["rows"]), seconds=tuple(data["seconds"]))
-        except (ValueError, KeyError):
-            log.warning("ignoring unreadable latency cache %s", path)
-    curve = measure_latency_curve(target, rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(curve)))
+    curve = read_curve(path)
+    if curve is None:
+        curve = measure_latency_curve(target, rows)
+        save_curve(path, curve)
     return curve
+
+
+def read_curve(path: Path) -> LatencyCurve | None:
+    """The curve cached at `path`; None (with a warning) when absent, unreadable or malformed."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+        curve = LatencyCurve(rows=tuple(int(r) for r in data["rows"]), seconds=tuple(float(s) for s in data["seconds"]))
+        rows, seconds = np.asarray(curve.rows), np.asarray(curve.seconds)
+        if not len(rows) or len(rows) != len(seconds) or rows[0] < 1 or np.any(np.diff(rows) <= 0):
+            raise ValueError("rows must be increasing counts >= 1, one latency each")
+        if not np.all(np.isfinite(seconds)) or np.any(seconds <= 0):
+            raise ValueError("latencies must be finite and positive")
+        return curve
+    except Exception as exc:  # noqa: BLE001 - a bad cache file is re-measured, never fatal
+        log.warning("ignoring unreadable latency cache %s (%s: %s); measuring again", path, type(exc).__name__, exc)
+        return None
+
+
+def save_curve(path: Path, curve: LatencyCurve) -> bool:
+    """Cache `curve` at `path` (atomic replace); False, with a warning once, when that fails."""
+    payload = json.dumps(asdict(curve)).encode()
+    try:
+        write_atomically(path, lambda file: file.write(payload))
+    except Exception as exc:  # noqa: BLE001 - an unwritable cache only costs re-measuring
+        warn_once(path, "cannot save the latency curve to %s: %s", path, exc)
+        return False
+    return True
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ragspec.config import SpecConfig
-from ragspec.drafting.base import DraftContext, save_state
+from ragspec.drafting.base import DraftContext, load_state, save_state
 from ragspec.drafting.continuations import ContinuationDrafter, draft_depth
 from ragspec.drafting.suffix_index import SEPARATOR, NgramIndex
 from ragspec.types import DraftTree
@@ -84,24 +84,20 @@ class PastResponsesDrafter(ContinuationDrafter):
             self._save()
 
     def _save(self) -> None:
-        """All stored responses, each behind a SEPARATOR, as one int32 array (atomic replace)."""
+        """All stored responses, each behind a SEPARATOR, as one int32 array (atomic replace;
+        a read-only index still serves, it just does not learn across processes)."""
         parts = [np.concatenate([[SEPARATOR], r]) for r in self._responses]
         tokens = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
-        try:
-            save_state(self.state_path, tokens)
-        except OSError as exc:  # a read-only index still serves; it just does not learn across processes
-            log.warning("cannot save past responses to %s: %s", self.state_path, exc)
+        save_state(self.state_path, tokens)  # warns, never raises
 
     def _load(self, vocab_size: int | None) -> list[np.ndarray]:
-        if self.state_path is None or not self.state_path.is_file():
-            return []
-        try:
-            tokens = np.load(self.state_path)
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable past responses %s: %s", self.state_path, exc)
+        """The saved responses, or none (with a warning) when the file is unreadable or not a
+        1-D integer array of separators and token ids below vocab_size."""
+        tokens = load_state(self.state_path, "past responses")
+        if tokens is None:
             return []
         high = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
-        valid = tokens.ndim == 1 and tokens.dtype.kind == "i"
+        valid = tokens.ndim == 1 and tokens.dtype.kind in "iu"
         if valid and len(tokens):
             valid = tokens.min() >= SEPARATOR and tokens.max() < high
         if not valid:

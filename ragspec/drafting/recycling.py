@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ragspec.drafting.base import AcceptanceEstimate, DraftContext, save_state
+from ragspec.drafting.base import AcceptanceEstimate, DraftContext, load_state, save_state
 from ragspec.drafting.tree import TrieBuilder
 from ragspec.types import ROOT, DraftTree, StepResult
 
@@ -83,15 +83,20 @@ class TokenRecyclingDrafter:
 
     def finish_request(self, prompt_ids, generated_ids) -> None:
         if self.state_path is not None:
-            save_state(self.state_path, self.successors)
+            save_state(self.state_path, self.successors)  # warns, never raises
 
     def _load(self, vocab_size: int) -> np.ndarray:
-        if self.state_path is not None and self.state_path.is_file():
-            try:
-                saved = np.load(self.state_path)
-                if saved.shape == (vocab_size, TOP_K):
-                    return saved.astype(np.int32)
-                log.warning("ignoring %s: shape %s, expected %s", self.state_path, saved.shape, (vocab_size, TOP_K))
-            except (OSError, ValueError) as exc:
-                log.warning("ignoring unreadable recycling state %s: %s", self.state_path, exc)
-        return np.full((vocab_size, TOP_K), UNKNOWN, dtype=np.int32)
+        """The saved matrix, or a fresh one (with a warning) when it is missing or not a
+        [vocab, TOP_K] integer matrix of UNKNOWN or token ids below vocab_size."""
+        fresh = np.full((vocab_size, TOP_K), UNKNOWN, dtype=np.int32)
+        saved = load_state(self.state_path, "recycling state")
+        if saved is None:
+            return fresh
+        expected = (vocab_size, TOP_K)
+        if saved.shape != expected or saved.dtype.kind not in "iu":
+            log.warning("ignoring %s: %s %s, expected int %s; starting fresh", self.state_path, saved.dtype, saved.shape, expected)
+            return fresh
+        if saved.size and (saved.min() < UNKNOWN or saved.max() >= vocab_size):
+            log.warning("ignoring %s: token ids outside [%d, %d); starting fresh", self.state_path, UNKNOWN, vocab_size)
+            return fresh
+        return saved.astype(np.int32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from ragspec.drafting.context_suffix import ContextSuffixDrafter
 from ragspec.drafting.continuations import new_match_estimate
 from ragspec.engine.loop import decode_steps
 from ragspec.engine.rag import RagPrompt, build_rag_prompt
-from ragspec.engine.text import TextAssembler
+from ragspec.engine.text import TextAssembler, stop_strings
 from ragspec.errors import ConfigError, PromptTooLong
 from ragspec.models import LoadedModel, cache_dir, load_model
 from ragspec.types import SpecStats
@@ -27,23 +28,72 @@ DrafterFactory = Callable[["Engine"], list[Drafter]]  # called once per request
 
 @dataclass
 class Generation:
+    """`finish_reason`: "eos", "stop" (a stop string matched: `text` ends before it, `token_ids`
+    end with the token that completed it), "length" (max_new_tokens or the context window),
+    "cancelled" (the stream was closed or dropped before its end: `text` and `token_ids` are what
+    was generated until then) or "error" (an exception ended it and went on to the caller)."""
+
     text: str
     token_ids: list[int]  # generated tokens, EOS excluded
-    finish_reason: str  # "eos", "stop" (a stop string matched), or "length"
+    finish_reason: str
     stats: SpecStats
     prompt_tokens: int = 0
     sources: list = field(default_factory=list)  # RetrievedChunks of a RAG request, best first
 
 
-class TextStream:
-    """Iterate for text pieces; `result` holds the whole Generation once iteration ends."""
+@dataclass
+class _Outcome:
+    """Where a request's generator leaves its Generation (the stream reads it from here, so the
+    generator holds no reference to its stream and dropping the stream closes the generator)."""
 
-    def __init__(self, pieces_of: Callable[["TextStream"], Iterator[str]]):
-        self.result: Generation | None = None
-        self._pieces = pieces_of(self)  # the generator sets `result` when it finishes
+    result: Generation | None = None
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    max_new_tokens: int
+    stop: list[str]
+    drafters: list[Drafter]
+    rag: RagPrompt | None
+
+
+class TextStream:
+    """Iterate for text pieces; `result` holds the whole Generation once the request ends.
+
+    Every piece is a continuation of the pieces before it, and together they are `result.text`.
+    Ending early is safe: `close()`, leaving a `with` block, or dropping the stream ends the
+    request at once (its cached prefix goes back to the engine's pool, drafters learn what was
+    generated) with finish_reason "cancelled".
+    """
+
+    def __init__(self, run: Callable[[_Outcome], Iterator[str]], prompt_tokens: int = 0):
+        self._outcome = _Outcome()
+        self._pieces = run(self._outcome)
+        self._prompt_tokens = prompt_tokens
+
+    @property
+    def result(self) -> Generation | None:
+        return self._outcome.result
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """End the request now (nothing happens to a finished one)."""
+        self._pieces.close()
+        if self._outcome.result is None:  # closed before it started: it took nothing
+            self._outcome.result = Generation("", [], "cancelled", SpecStats(), self._prompt_tokens)
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class Engine:
@@ -53,6 +103,12 @@ class Engine:
     >>> out = engine.generate([{"role": "user", "content": "Hi"}], max_new_tokens=32)
     >>> out.text, out.stats.mean_acceptance_length
     >>> engine.generate("Who wrote it?", index="books", k=5).sources
+
+    Threads: one Engine serves several threads, and several streams advanced in turn, safely. A
+    per-engine lock is held while a request is set up, during each of its decoding steps (drafting
+    plus one target forward) and while it ends, never while a piece is with the consumer: requests
+    in flight take turns step by step (in the order the lock grants, not strictly first come,
+    first served), and a stream left unfinished never blocks the others.
     """
 
     def __init__(
@@ -86,6 +142,7 @@ class Engine:
         self._indexes: dict[str, object] = {}
         self.prefix_cache = prefix_cache
         self._prefixes = PrefixPool(max_entries=prefix_cache_entries)
+        self._lock = threading.RLock()  # see the class docstring
 
     @property
     def tokenizer(self):
@@ -110,31 +167,34 @@ class Engine:
 
     def open_index(self, index):
         """An Index object, or a name/path opened once and checked against this model's tokenizer."""
-        if isinstance(index, (str, Path)):
-            if str(index) not in self._indexes:
-                from ragspec.index import open_index
+        with self._lock:
+            if isinstance(index, (str, Path)):
+                if str(index) not in self._indexes:
+                    from ragspec.index import open_index
 
-                self._indexes[str(index)] = open_index(str(index), home=self.index_home)
-            index = self._indexes[str(index)]
-        index.check_tokenizer(self.target.tokenizer_fingerprint)
-        return index
+                    self._indexes[str(index)] = open_index(str(index), home=self.index_home)
+                index = self._indexes[str(index)]
+            index.check_tokenizer(self.target.tokenizer_fingerprint)
+            return index
 
     def cache_prefix(self, prompt: Prompt) -> int:
         """Prefill `prompt` (a system prompt, or a conversation so far) into the prefix cache, so
         that the next request starting with it skips that work. Returns the tokens cached."""
         if not self.prefix_cache:
             raise ConfigError("this engine was made with prefix_cache=False")
-        prompt_ids = self.encode(prompt, add_generation_prompt=False)
-        self._check_fits(prompt_ids)
-        verifier = TreeVerifier(self.target, self._take_prefix(prompt_ids))
-        verifier.prefill(prompt_ids)  # every token but the last, which the next request feeds
-        prefix = verifier.export_prefix()
-        self._prefixes.put(prefix)
-        return len(prefix.token_ids)
+        with self._lock:
+            prompt_ids = self.encode(prompt, add_generation_prompt=False)
+            self._check_fits(prompt_ids)
+            verifier = TreeVerifier(self.target, self._take_prefix(prompt_ids))
+            verifier.prefill(prompt_ids)  # every token but the last, which the next request feeds
+            prefix = verifier.export_prefix()
+            self._prefixes.put(prefix)
+            return len(prefix.token_ids)
 
     def forget_prefix(self) -> None:
         """Empty the prefix cache: the next request prefills its whole prompt."""
-        self._prefixes.clear()
+        with self._lock:
+            self._prefixes.clear()
 
     def _take_prefix(self, prompt_ids: list[int]) -> KVPrefix | None:
         """The cached prefix that shares the most leading tokens with `prompt_ids`, handed to one
@@ -158,24 +218,28 @@ class Engine:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[str] = (),
+        stop: str | Sequence[str] = (),
         speculative: bool | None = None,
         index=None,
         k: int = 5,
         rag_template: str | None = None,
     ) -> TextStream:
         """With `index` (a name, path or Index), the k best chunks for the question go into the
-        prompt through `rag_template` ({context}, {question}) and feed the datastore drafter."""
+        prompt through `rag_template` ({context}, {question}) and feed the datastore drafter.
+        `stop`: one stop string, or several; generation ends where the first one appears."""
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        index = self.open_index(index) if index is not None else None
-        rag = build_rag_prompt(index, prompt, k, rag_template) if index is not None else None
-        prompt_ids = self.encode(rag.messages if rag else prompt)
-        self._check_fits(prompt_ids)
-        use_spec = self.spec.enabled if speculative is None else speculative
-        drafters = self._request_drafters(index, rag) if use_spec else []
-        return TextStream(lambda stream: self._run(prompt_ids, sampling, max_new_tokens, list(stop), drafters, rag, stream))
+        stops = stop_strings(stop)
+        with self._lock:
+            index = self.open_index(index) if index is not None else None
+            rag = build_rag_prompt(index, prompt, k, rag_template) if index is not None else None
+            prompt_ids = self.encode(rag.messages if rag else prompt)
+            self._check_fits(prompt_ids)
+            use_spec = self.spec.enabled if speculative is None else speculative
+            drafters = self._request_drafters(index, rag) if use_spec else []
+        request = _Request(prompt_ids, sampling, max_new_tokens, stops, drafters, rag)
+        return TextStream(lambda outcome: self._run(request, outcome), prompt_tokens=len(prompt_ids))
 
     def _check_fits(self, prompt_ids: list[int]) -> None:
         limit = self.target.context_length
@@ -227,49 +291,80 @@ class Engine:
     def _new_recycling_drafter(self):
         from ragspec.drafting.recycling import TokenRecyclingDrafter
 
-        state = cache_dir() / "recycling" / f"{self.target.name}-{self.target.tokenizer_fingerprint}.npy"
+        # keyed by the model's identity (its files, or its weights), not its folder's name
+        target = self.target
+        state = cache_dir() / "recycling" / f"{target.name}-{target.identity}-{target.tokenizer_fingerprint}.npy"
         return TokenRecyclingDrafter(int(self.target.model.config.vocab_size), state if self.persist_state else None)
 
-    def _run(self, prompt_ids, sampling, max_new_tokens, stop, drafters, rag, stream: TextStream) -> Iterator[str]:
-        stats = SpecStats()
-        budget = self.budget() if drafters else None
-        text = TextAssembler(self.tokenizer, stop)
-        eos = self.target.eos_token_ids
+    def _run(self, request: _Request, outcome: _Outcome) -> Iterator[str]:
+        """The request's pieces. However it ends (finished, closed, dropped, an exception), the
+        `finally` ends the request and leaves its Generation in `outcome`."""
+        stats, text = SpecStats(), TextAssembler(self.tokenizer, request.stop)
         start = time.perf_counter()
-        finish_reason = "length"
-        verifier = TreeVerifier(self.target, self._take_prefix(prompt_ids))
-        for new_tokens in decode_steps(
-            verifier, prompt_ids, drafters=drafters, budget=budget, sampling=sampling, stats=stats
-        ):
-            if not stats.time_to_first_token_s:
-                stats.time_to_first_token_s = time.perf_counter() - start
-            keep = new_tokens[: max_new_tokens - len(text.token_ids)]
-            hit_eos = next((i for i, t in enumerate(keep) if t in eos), None)
-            if hit_eos is not None:
-                keep, finish_reason = keep[:hit_eos], "eos"
-            piece = text.push(keep)
-            if piece:
-                yield piece
-            if text.stopped:
-                finish_reason = "stop"
-            if finish_reason != "length" or len(text.token_ids) >= max_new_tokens:
-                break
-        tail = text.finish()
-        if tail:
-            yield tail
+        verifier, steps, reason = None, None, None
+        try:
+            with self._lock:
+                verifier = TreeVerifier(self.target, self._take_prefix(request.prompt_ids))
+                budget = self.budget() if request.drafters else None
+                steps = decode_steps(verifier, request.prompt_ids, drafters=request.drafters, budget=budget,
+                                     sampling=request.sampling, stats=stats)
+            while reason is None:
+                with self._lock:
+                    piece, reason = self._step(steps, request, text, stats, start)
+                if piece:
+                    yield piece
+            tail = text.finish()
+            reason = "stop" if text.stopped else reason
+            if tail:
+                yield tail
+        except GeneratorExit:  # closed or dropped by the consumer
+            reason = reason or "cancelled"
+            raise
+        except BaseException:
+            reason = "error"
+            raise
+        finally:
+            if steps is not None:
+                steps.close()
+            with self._lock:
+                outcome.result = self._end_request(request, verifier, text, stats, reason or "error", start)
+
+    def _step(self, steps, request: _Request, text: TextAssembler, stats: SpecStats, start: float):
+        """Run one decoding step; its newly shown text, and the finish reason once there is one.
+        Tokens are taken one at a time, as plain decoding takes them: up to max_new_tokens, up to
+        EOS (excluded), up to the token that completes a stop string (included)."""
+        new_tokens = next(steps, None)
+        if new_tokens is None:  # the context window is full
+            return "", "length"
+        if not stats.time_to_first_token_s:
+            stats.time_to_first_token_s = time.perf_counter() - start
+        keep = new_tokens[: request.max_new_tokens - len(text.token_ids)]
+        hit_eos = next((i for i, t in enumerate(keep) if t in self.target.eos_token_ids), None)
+        piece = text.push(keep if hit_eos is None else keep[:hit_eos])
+        if text.stopped:
+            return piece, "stop"
+        if hit_eos is not None:
+            return piece, "eos"
+        return piece, "length" if len(text.token_ids) >= request.max_new_tokens else None
+
+    def _end_request(self, request: _Request, verifier, text: TextAssembler, stats: SpecStats, reason: str,
+                     start: float) -> Generation:
+        """Hand the KV cache back to the prefix pool and let drafters learn the answer, unless an
+        exception ended the request (the cache may be half-written then: it is dropped)."""
         stats.total_s = time.perf_counter() - start
         stats.num_generated_tokens = len(text.token_ids)
-        if self.prefix_cache:
-            self._prefixes.put(verifier.export_prefix())
-        for drafter in drafters:
-            finish = getattr(drafter, "finish_request", None)
-            if finish is not None:
-                finish(prompt_ids, list(text.token_ids))
-        stream.result = Generation(
+        if reason != "error":
+            if verifier is not None and self.prefix_cache:
+                self._prefixes.put(verifier.export_prefix())
+            for drafter in request.drafters:
+                finish = getattr(drafter, "finish_request", None)
+                if finish is not None:
+                    finish(request.prompt_ids, list(text.token_ids))
+        return Generation(
             text=text.text,
             token_ids=list(text.token_ids),
-            finish_reason=finish_reason,
+            finish_reason=reason,
             stats=stats,
-            prompt_tokens=len(prompt_ids),
-            sources=list(rag.chunks) if rag else [],
+            prompt_tokens=len(request.prompt_ids),
+            sources=list(request.rag.chunks) if request.rag else [],
         )
