@@ -36,6 +36,24 @@ def tiny_engine_for(model: LoadedModel, home, **spec) -> Engine:
     return Engine(model, latency_curve=FLAT_CURVE, index_home=home, spec=SpecConfig(**spec), persist_state=False)
 
 
+def cold_engine_for(model: LoadedModel, home) -> Engine:
+    """The plain-decoding reference: no prefix cache, so it never reuses a speculative run's KV."""
+    return Engine(model, latency_curve=FLAT_CURVE, index_home=home, persist_state=False, prefix_cache=False)
+
+
+def brute_force_top_k(index, question: str, k: int) -> tuple[list[int], np.ndarray]:
+    """The k chunks of highest cosine with the question, by numpy over every chunk (the embedder
+    called directly, vectors normalised here): an oracle for the FAISS search and the chunk table."""
+    rows = index.chunks(list(range(index.num_chunks)))
+    assert len(rows) == index.num_chunks
+    ids = sorted(rows)
+    vectors = index.embedder().encode([rows[i]["text"] for i in ids] + [question], convert_to_numpy=True)
+    vectors = vectors.astype(np.float64) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    cosine = vectors[:-1] @ vectors[-1]
+    order = np.argsort(-cosine, kind="stable")[:k]
+    return [ids[i] for i in order], cosine[order]
+
+
 def test_rag_request_puts_the_k_retrieved_chunks_in_the_prompt(tiny_llama, home):
     engine = tiny_engine_for(tiny_llama, home)
     question = QUESTIONS[0]
@@ -44,8 +62,11 @@ def test_rag_request_puts_the_k_retrieved_chunks_in_the_prompt(tiny_llama, home)
     assert [c.score for c in out.sources] == sorted((c.score for c in out.sources), reverse=True)
     assert "Netherfield" in " ".join(c.text for c in out.sources)
 
+    oracle_ids, oracle_scores = brute_force_top_k(engine.open_index(INDEX), question, 3)
+    assert [c.chunk_id for c in out.sources] == oracle_ids
+    np.testing.assert_allclose([c.score for c in out.sources], oracle_scores, atol=1e-4)
     rag = build_rag_prompt(engine.open_index(INDEX), question, 3)
-    assert [c.chunk_id for c in rag.chunks] == [c.chunk_id for c in out.sources]
+    assert [c.chunk_id for c in rag.chunks] == oracle_ids
     content = rag.messages[-1]["content"]
     assert rag.messages[-1]["role"] == "user" and question in content
     assert all(chunk.text in content for chunk in rag.chunks)
@@ -53,7 +74,7 @@ def test_rag_request_puts_the_k_retrieved_chunks_in_the_prompt(tiny_llama, home)
     assert out.prompt_tokens == len(prompt_ids)
     assert len(prompt_ids) > len(engine.encode([{"role": "user", "content": question}])) + 50
     # the request saw exactly that prompt: plain decoding of it gives the same tokens
-    plain = engine.generate(rag.messages, max_new_tokens=MAX_NEW, speculative=False)
+    plain = cold_engine_for(tiny_llama, home).generate(rag.messages, max_new_tokens=MAX_NEW, speculative=False)
     assert out.token_ids == plain.token_ids
 
 
@@ -84,18 +105,20 @@ def test_rag_keeps_the_conversation_and_fills_the_last_user_turn(tiny_llama, hom
     assert messages[3]["content"] == QUESTIONS[2], "the caller's messages are not modified"
     out = engine.generate(messages, index=INDEX, k=2, rag_template=template, max_new_tokens=MAX_NEW)
     assert out.prompt_tokens == len(engine.encode(rag.messages))
-    assert out.token_ids == engine.generate(rag.messages, max_new_tokens=MAX_NEW, speculative=False).token_ids
+    cold = cold_engine_for(tiny_llama, home)
+    assert out.token_ids == cold.generate(rag.messages, max_new_tokens=MAX_NEW, speculative=False).token_ids
     assert "{context}" in DEFAULT_RAG_TEMPLATE and "{question}" in DEFAULT_RAG_TEMPLATE
 
 
 @pytest.mark.parametrize("scope", ["retrieved", "index"])
 def test_tiny_rag_lossless_in_both_datastore_scopes(tiny_model, home, scope):
     engine = tiny_engine_for(tiny_model, home, datastore_scope=scope)
+    cold = cold_engine_for(tiny_model, home)
     index = engine.open_index(INDEX)
     accepted = 0
     for question in QUESTIONS:
         fast = engine.generate(question, index=INDEX, k=3, max_new_tokens=MAX_NEW)
-        plain = engine.generate(question, index=index, k=3, max_new_tokens=MAX_NEW, speculative=False)
+        plain = cold.generate(question, index=index, k=3, max_new_tokens=MAX_NEW, speculative=False)
         assert fast.token_ids == plain.token_ids, f"scope {scope} changed the output for {question!r}"
         assert [c.chunk_id for c in fast.sources] == [c.chunk_id for c in plain.sources]
         assert plain.stats.num_draft_tokens == 0
@@ -113,7 +136,8 @@ def test_real_model_rag_lossless_with_datastore_drafts(real_engine, home, scope)
                     persist_state=False)
     question = "Repeat the first passage word for word."
     fast = engine.generate(question, index=INDEX, k=3, max_new_tokens=MAX_NEW)
-    plain = engine.generate(question, index=INDEX, k=3, max_new_tokens=MAX_NEW, speculative=False)
+    plain = cold_engine_for(real_engine.target, home).generate(question, index=INDEX, k=3, max_new_tokens=MAX_NEW,
+                                                               speculative=False)
     assert fast.token_ids == plain.token_ids
     assert set(fast.stats.drafted_per_source) == {"datastore"}
     assert fast.stats.accepted_per_source.get("datastore", 0) > 0, "no corpus draft accepted: the test proves nothing"
