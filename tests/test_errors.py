@@ -38,7 +38,8 @@ def test_generation_stops_at_the_context_window(short_context_engine, speculativ
     assert 50 < length < 64
     out = short_context_engine.generate(prompt, max_new_tokens=48, speculative=speculative)
     assert out.finish_reason == "length"
-    assert len(out.token_ids) <= 64 - length
+    # the window (not max_new_tokens, 48 > 64 - length) ended it: prompt + output fill it exactly
+    assert length + len(out.token_ids) == 64
     plain = short_context_engine.generate(prompt, max_new_tokens=48, speculative=False)
     assert out.token_ids == plain.token_ids
 
