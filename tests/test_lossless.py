@@ -15,6 +15,7 @@ import torch
 
 from conftest import DATA_DIR, FLAT_CURVE, spec_bench_questions
 from ragspec import Engine
+from ragspec.bench.peers import stock_kernels
 from ragspec.errors import ConfigError
 from ragspec.drafting.base import DraftContext
 from ragspec.drafting.context_suffix import ContextSuffixDrafter
@@ -61,15 +62,17 @@ def lossless_prompts(tokenizer) -> list:
 def test_greedy_speculative_equals_plain(tiny_engine):
     prompts = lossless_prompts(tiny_engine.tokenizer)
     assert len(prompts) >= 20
+    cold = Engine(tiny_engine.target, latency_curve=FLAT_CURVE, prefix_cache=False)  # never reuses fast's KV
     accepted = 0
     for prompt in prompts:
         fast = tiny_engine.generate(prompt, max_new_tokens=MAX_NEW, speculative=True)
-        plain = tiny_engine.generate(prompt, max_new_tokens=MAX_NEW, speculative=False)
+        plain = cold.generate(prompt, max_new_tokens=MAX_NEW, speculative=False)
         assert fast.token_ids == plain.token_ids, f"speculation changed the output for {prompt!r}"
         assert fast.text == plain.text
         assert fast.finish_reason == plain.finish_reason
         assert plain.stats.num_accepted_tokens == 0 and plain.stats.num_draft_tokens == 0
-        assert fast.stats.num_generated_tokens == len(fast.token_ids)
+        assert plain.stats.cached_prompt_tokens == 0
+        assert fast.stats.num_generated_tokens == len(fast.token_ids) == plain.stats.num_generated_tokens
         assert sum(fast.stats.acceptance_histogram) == fast.stats.num_steps
         accepted += fast.stats.num_accepted_tokens
     assert accepted > 0, "no draft token was ever accepted: the test proves nothing"
@@ -81,7 +84,7 @@ def test_greedy_matches_hf_generate(tiny_engine):
     prompts = lossless_prompts(tiny_engine.tokenizer)[::5]
     for prompt in prompts:
         ids = torch.tensor([tiny_engine.encode(prompt)], device=model.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), stock_kernels(model):  # SDPA and nn.Linear, as a plain HF setup
             out = model.generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
@@ -155,7 +158,7 @@ class OracleDrafter:
 
 
 def test_fused_drafters_with_adversarial_tree_stay_lossless(tiny_model):
-    plain_engine = Engine(tiny_model, latency_curve=FLAT_CURVE)
+    plain_engine = Engine(tiny_model, latency_curve=FLAT_CURVE, prefix_cache=False)
     prompts = lossless_prompts(tiny_model.tokenizer)[::2]
     vocab = int(tiny_model.model.config.vocab_size)
     oracle_accepted = 0
@@ -208,11 +211,13 @@ def test_real_model_greedy_speculative_equals_plain(real_engine):
         pytest.skip("spec_bench data not found under ../shared/data")
     assert len(prompts) >= 20
     assert real_engine.target.dtype == torch.float32
+    cold = Engine(real_engine.target, latency_curve=FLAT_CURVE, prefix_cache=False)  # never reuses fast's KV
     mismatches, accepted = [], 0
     for question_id, messages in prompts:
         fast = real_engine.generate(messages, max_new_tokens=32, speculative=True)
-        plain = real_engine.generate(messages, max_new_tokens=32, speculative=False)
-        if fast.token_ids != plain.token_ids:
+        plain = cold.generate(messages, max_new_tokens=32, speculative=False)
+        seen = (fast.text, fast.token_ids, fast.finish_reason, fast.stats.num_generated_tokens)
+        if seen != (plain.text, plain.token_ids, plain.finish_reason, plain.stats.num_generated_tokens):
             mismatches.append(question_id)
         accepted += fast.stats.num_accepted_tokens
     assert not mismatches, f"speculative output differs from plain greedy for questions {mismatches}"
