@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from ragspec.drafting.past_responses import PastResponsesDrafter
 from ragspec.drafting.recycling import TOP_K, UNKNOWN, TokenRecyclingDrafter
 from ragspec.index import build_index_from_texts
 from ragspec.index.store import PAST_RESPONSES_FILE
-from ragspec.models import cache_dir
+from ragspec.models import cache_dir, files_identity
 
 PROMPT = "Tell me about the weather in the mountains."
 INDEX = "state"
@@ -247,8 +248,154 @@ def test_recycling_state_is_keyed_by_the_models_files(tokenizer, tmp_path, priva
     for folder in folders:
         build_tiny_model("llama", len(tokenizer)).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    loaded = [load_model(folder, device="cpu", dtype="float32") for folder in (*folders, folders[0])]
-    assert loaded[0].identity != loaded[1].identity and loaded[0].identity == loaded[2].identity
-    for model in loaded[:2]:
+    loaded = [load_model(folder, device="cpu", dtype="float32") for folder in folders]
+    assert loaded[0].identity != loaded[1].identity
+    assert loaded[0].identity == files_identity(tmp_path / "b" / ".." / "a" / "model"), "stable, by resolved path"
+    for model in loaded:
         Engine(model, latency_curve=FLAT_CURVE).generate(PROMPT, max_new_tokens=4)
     assert len(_recycling_files(private_cache)) == 2
+
+
+# --- concurrency: several processes generating and saving through one cache dir and one index ---
+
+WRITERS, REQUESTS = 4, 50
+QUESTIONS = ["Who rents Netherfield Park?", "What does Mrs. Bennet want?", PROMPT, "Name the Bennet daughters."]
+
+
+def run_writer(cache: str, home: str, tokenizer_dir: str, requests: int) -> dict:
+    """One writer process: `requests` requests (RAG ones through the shared index, plain ones),
+    with a new Engine every 10 requests that loads again what the others saved (the latency curve
+    through the same cache as an Engine's, with fewer row counts so that measuring is quick)."""
+    from transformers import AutoTokenizer
+
+    os.environ["RAGSPEC_CACHE_DIR"] = cache
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("ragspec").addHandler(handler)
+    model = tiny_loaded("llama", AutoTokenizer.from_pretrained(tokenizer_dir))
+    errors: list[str] = []
+    for i in range(requests):
+        if i % 10 == 0:
+            engine = Engine(model, index_home=home, latency_curve=load_or_measure_curve(model, rows=FAST_ROWS))
+        try:
+            engine.generate(QUESTIONS[i % len(QUESTIONS)], index=INDEX if i % 2 else None, k=1, max_new_tokens=8)
+        except Exception as exc:  # noqa: BLE001 - counted, the test asserts there are none
+            errors.append(repr(exc))
+    return {"requests": requests, "errors": errors, "warnings": warnings}
+
+
+def _check_state_files(cache: Path, home: Path, vocab: int) -> None:
+    """Every learned-state file loads whole and non-empty, and no temporary file is left."""
+    [recycling] = _recycling_files(cache)
+    assert (TokenRecyclingDrafter(vocab, recycling).successors != UNKNOWN).any()
+    assert PastResponsesDrafter(state_path=home / INDEX / PAST_RESPONSES_FILE, vocab_size=vocab).num_responses > 0
+    [latency] = (cache / "latency").glob("*.json")
+    assert read_curve(latency) is not None
+    assert not [p for folder in (cache / "recycling", cache / "latency", home / INDEX) for p in folder.glob("*.tmp")]
+
+
+def test_concurrent_writers_lose_no_request_and_leave_loadable_state(tiny_llama, index_home, tmp_path, caplog):
+    import shutil
+
+    from ragspec.models import _dequantised_dir, embedded_model_path
+
+    cache, home = tmp_path / "cache", tmp_path / "home"
+    shutil.copytree(index_home, home)
+    call = (f"import json, test_state; print(json.dumps(test_state.run_writer("
+            f"{str(cache)!r}, {str(home)!r}, {str(_dequantised_dir(embedded_model_path()))!r}, {REQUESTS})))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    writers = [subprocess.Popen([sys.executable, "-c", call], env=env, stdout=subprocess.PIPE, text=True)
+               for _ in range(WRITERS)]
+    reports = [json.loads(w.communicate(timeout=300)[0].splitlines()[-1]) for w in writers]
+    assert [w.returncode for w in writers] == [0] * WRITERS
+    assert sum(r["requests"] for r in reports) == WRITERS * REQUESTS
+    assert [r["errors"] for r in reports] == [[]] * WRITERS, "zero failed requests"
+    assert [r["warnings"] for r in reports] == [[]] * WRITERS, "no writer ever read a broken file"
+    _check_state_files(cache, home, int(tiny_llama.model.config.vocab_size))
+    assert not _warnings(caplog)
+
+
+# --- kills: a process SIGKILLed while saving leaves state that the next start loads ---
+
+KILLS = 20
+KILL_VOCAB = 49152  # the real tokenizer's: a 1.5 MB recycling matrix per save
+
+
+def save_forever(directory: str, ready: Callable[[], None]) -> None:
+    """Save recycling, past-responses and latency state in a loop, each save numbered one more
+    than the last one this process found on disk, until killed; `ready()` after the first round."""
+    folder = Path(directory)
+    recycling = TokenRecyclingDrafter(KILL_VOCAB, folder / "recycling.npy")
+    past = PastResponsesDrafter(state_path=folder / PAST_RESPONSES_FILE, vocab_size=KILL_VOCAB)
+    first = step = int(recycling.successors[0, 0]) + 1
+    while True:
+        recycling.successors[:] = step
+        recycling.finish_request([], [])
+        past.finish_request([step], list(range(step, step + 20)))
+        save_curve(folder / "latency.json", LatencyCurve((1, 2), (step + 1.0, step + 2.0)))
+        if step == first:
+            ready()
+        step += 1
+
+
+def serve_kills(directory: str) -> None:
+    """The killer process: per line `<delay>` on stdin, fork a saver, wait for its first round,
+    let it save for `delay` seconds, SIGKILL it and print its wait status. Forking from here
+    (single-threaded, everything imported once) makes a saver start in milliseconds."""
+    import signal
+
+    for line in sys.stdin:
+        ready_r, ready_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            try:
+                save_forever(directory, lambda: os.write(ready_w, b"."))
+            finally:
+                os._exit(1)
+        os.close(ready_w)
+        os.read(ready_r, 1)
+        os.close(ready_r)
+        time.sleep(float(line))
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        print(os.WTERMSIG(status) if os.WIFSIGNALED(status) else -1, flush=True)
+
+
+def _load_after_kill(folder: Path) -> tuple[int, int, float]:
+    """What the next start loads: (recycling step, stored responses, latency step), each checked whole."""
+    matrix = TokenRecyclingDrafter(KILL_VOCAB, folder / "recycling.npy").successors
+    assert len(np.unique(matrix)) == 1 and matrix[0, 0] != UNKNOWN, "one whole save"
+    past = PastResponsesDrafter(state_path=folder / PAST_RESPONSES_FILE, vocab_size=KILL_VOCAB)
+    for response in past._responses:
+        assert list(response) == [response[0], *range(response[0], response[0] + 20)], "whole responses"
+    curve = read_curve(folder / "latency.json")
+    assert curve is not None and curve.seconds[1] == curve.seconds[0] + 1
+    return int(matrix[0, 0]), past.num_responses, curve.seconds[0]
+
+
+def test_sigkill_while_saving_never_breaks_the_next_start(tmp_path, caplog):
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    killer = subprocess.Popen([sys.executable, "-c", f"import test_state; test_state.serve_kills({str(tmp_path)!r})"],
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    rng, loaded, orphans = random.Random(15), [(0, 0, 0.0)], 0
+    try:
+        for _ in range(KILLS):
+            killer.stdin.write(f"{rng.uniform(0.0, 0.03)}\n")
+            killer.stdin.flush()
+            assert killer.stdout.readline().strip() == str(int(signal.SIGKILL))
+            orphans = len(list(tmp_path.glob(".*.tmp")))
+            loaded.append(_load_after_kill(tmp_path))  # the next start
+            previous, now = loaded[-2], loaded[-1]
+            assert all(n > p for n, p in zip(now, previous)), f"state went back: {previous} -> {now}"
+    finally:
+        killer.stdin.close()
+        killer.wait(timeout=60)
+    assert not _warnings(caplog), "no start ever found a broken file"
+    removed = sum(remove_stale_temporaries(tmp_path / name, older_than_s=0)
+                  for name in ("recycling.npy", PAST_RESPONSES_FILE, "latency.json"))
+    assert removed == orphans and not list(tmp_path.glob(".*.tmp"))
+    print(f"{KILLS} SIGKILLs, {orphans} temporaries of interrupted saves, steps reached {loaded[-1]}")
