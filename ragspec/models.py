@@ -82,7 +82,7 @@ class LoadedModel:
             return self.source_identity
         digest = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
         for name, tensor in self.model.state_dict().items():
-            if isinstance(tensor, torch.Tensor) and tensor.numel():
+            if isinstance(tensor, torch.Tensor) and tensor.numel() and tensor.layout == torch.strided:
                 flat = tensor.detach().reshape(-1)
                 picks = torch.linspace(0, flat.numel() - 1, min(256, flat.numel()), device=flat.device).long()
                 digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())

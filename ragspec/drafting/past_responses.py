@@ -5,7 +5,9 @@ One instance per scope (SpecConfig.past_scope: one per index, or one for the who
 Memory is bounded: past `max_tokens` stored tokens, the older half of the responses is evicted
 and the index rebuilt. With a `state_path` (the index's `past_responses.npy`, see
 indexes/README.md) the stored responses are loaded at start and saved after every request, so
-a new process drafts from what earlier ones answered.
+a new process drafts from what earlier ones answered. An unreadable or invalid file is ignored
+with a warning; processes sharing an index each save all the responses they hold, the last save
+wins (`base.write_atomically`), and a failed save is only a warning.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ A [vocab, k] matrix holds, for each token, the top-k tokens the target ranked af
 time that token was verified. Every verify overwrites the rows of all its tokens (the pending
 token and every tree node) with their fresh top-k. A static tree template (rank paths such as
 (0,), (1,), (0, 0), ...) is filled level by level from the matrix. The matrix is saved per model
-after each request, so a new process starts warm.
+after each request, so a new process starts warm. An unreadable or invalid saved matrix is ignored
+with a warning; processes sharing one file each save their whole matrix, the last save wins
+(`base.write_atomically`), and a failed save is only a warning.
 """
 
 from __future__ import annotations
