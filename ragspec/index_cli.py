@@ -125,11 +125,11 @@ def info_command(name, as_json, home):
         click.echo(json.dumps(index.manifest, indent=2))
         return
     manifest = index.manifest
-    click.echo(f"index {index.name} at {index.path}")
+    click.echo(f"index {index.name} at {index.path} (version {index.files.name})")
     for key, value in manifest.items():
         if key != "files":
             click.echo(f"  {key}: {value}")
-    for file in sorted(index.path.iterdir()):
+    for file in sorted(index.files.iterdir()):
         click.echo(f"  file {file.name}: {_human(file.stat().st_size)}")
 
 
@@ -178,7 +178,7 @@ def ls_command(home):
 @_home_option
 @library_errors
 def rm_command(name, yes, home):
-    """Delete index NAME.
+    """Delete index NAME (a NAME that is a symbolic link: only the link).
 
     \b
     Example:
@@ -188,10 +188,11 @@ def rm_command(name, yes, home):
     from ragspec.index.index import resolve
 
     path = resolve(name, home)
+    link = f" (a link to {path.resolve()}, which is kept)" if path.is_symlink() else ""
     if not yes:
-        click.confirm(f"Delete index {name} at {path}?", abort=True)
+        click.confirm(f"Delete index {name} at {path}{link}?", abort=True)
     remove_index(name, home)
-    click.echo(f"removed {path}")
+    click.echo(f"removed {path}{link}")
 
 
 @index_group.command("verify")

@@ -17,6 +17,8 @@ from ragspec.index import (
     add_to_index, build_index, build_index_from_texts, list_indexes, open_index, remove_index, tokenizer_fingerprint,
     verify_index,
 )
+from ragspec.index import versions
+from ragspec.index.store import sha256_file
 from ragspec.index.corpus import html_to_text
 
 BOOK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus" / "pg1342_pride_and_prejudice.txt"
@@ -60,6 +62,11 @@ def copy_of(built, tmp_path):
     home = tmp_path / "home"
     shutil.copytree(built.path, home / "book")
     return home
+
+
+def files_of(home: Path, name: str = "book") -> Path:
+    """The directory holding the files of the index's current version."""
+    return versions.current(home / name)
 
 
 def test_build_reads_every_supported_type_and_skips_the_rest(built, corpus_dir):
@@ -128,7 +135,7 @@ def test_missing_index_names_the_fix(tmp_path):
 
 
 def test_truncated_file_is_detected_by_open_and_verify(copy_of):
-    tokens = copy_of / "book" / "tokens.npy"
+    tokens = files_of(copy_of) / "tokens.npy"
     tokens.write_bytes(tokens.read_bytes()[:-8])
     for check in (open_index, verify_index):
         with pytest.raises(IndexCorrupt, match="tokens.npy.*truncated"):
@@ -137,7 +144,7 @@ def test_truncated_file_is_detected_by_open_and_verify(copy_of):
 
 
 def test_flipped_byte_is_detected_by_verify(copy_of):
-    dense = copy_of / "book" / "dense.faiss"
+    dense = files_of(copy_of) / "dense.faiss"
     data = bytearray(dense.read_bytes())
     data[-10] ^= 0xFF
     dense.write_bytes(bytes(data))
@@ -147,13 +154,13 @@ def test_flipped_byte_is_detected_by_verify(copy_of):
 
 
 def test_missing_file_is_reported(copy_of):
-    (copy_of / "book" / "suffix.npy").unlink()
+    (files_of(copy_of) / "suffix.npy").unlink()
     with pytest.raises(IndexCorrupt, match="suffix.npy is missing"):
         open_index("book", copy_of)
 
 
 def test_format_version_mismatch(copy_of):
-    with sqlite3.connect(copy_of / "book" / "meta.sqlite") as db:
+    with sqlite3.connect(files_of(copy_of) / "meta.sqlite") as db:
         db.execute("update manifest set value = '99' where key = 'format_version'")
     with pytest.raises(IndexVersionMismatch, match="version 99.*rebuild"):
         open_index("book", copy_of)
@@ -227,9 +234,107 @@ def test_bad_faiss_factory_and_chunking_are_config_errors(tmp_path, tokenizer):
                                overlap_tokens=8)
 
 
-def test_index_moved_aside_by_an_interrupted_swap_is_restored(copy_of):
+def test_readers_never_move_anything(copy_of):
+    """An older ragspec's build stopped between its two renames: a reader reports it, moves nothing."""
     aside = copy_of / ".old-book-x1"
     aside.mkdir()
     (copy_of / "book").rename(aside / "book")
+    with pytest.raises(IndexNotFound, match="older ragspec left it in .*old-book-x1"):
+        open_index("book", copy_of)
+    assert sorted(p.name for p in copy_of.iterdir()) == [".old-book-x1"]
+
+
+def test_a_reader_at_every_step_of_a_rebuild_sees_a_whole_index(copy_of, corpus_dir, tokenizer, monkeypatch):
+    """Item 8: after each rename a rebuild makes, a reader opens the old index or the new one,
+    whole, and changes nothing; the rebuild then succeeds (the old swap failed here)."""
+    import os
+
+    real_replace, seen, reading = os.replace, [], []
+
+    def replace_then_read(src, dst):
+        real_replace(src, dst)
+        if reading:
+            return
+        reading.append(True)
+        try:
+            index = verify_index("book", copy_of)
+            seen.append(index.num_documents)
+            index.close()
+        finally:
+            reading.clear()
+
+    monkeypatch.setattr(os, "replace", replace_then_read)
+    index = build_index([corpus_dir / "notes.md"], "book", home=copy_of, tokenizer=tokenizer, **SMALL)
+    monkeypatch.undo()
+    assert index.num_documents == 1 and len(seen) >= 2 and set(seen) <= {4, 1} and seen[-1] == 1
+    verify_index("book", copy_of)
+
+
+def test_an_open_index_survives_rebuilds_and_is_collected_once_closed(copy_of, corpus_dir, tokenizer):
+    old = open_index("book", copy_of)
+    old_files = old.files
+    for _ in range(2):
+        build_index([corpus_dir / "notes.md"], "book", home=copy_of, tokenizer=tokenizer, **SMALL)
+    assert old_files.is_dir() and old.search("Netherfield", k=1) and old.num_documents == 4
+    old.close()
+    new = build_index([corpus_dir / "notes.md"], "book", home=copy_of, tokenizer=tokenizer, **SMALL)
+    versions_left = [p.name for p in (copy_of / "book").iterdir() if p.is_dir()]
+    assert versions_left == [new.files.name], "old versions no one reads are deleted"
+
+
+def test_an_index_in_the_old_layout_opens_and_a_rebuild_replaces_it(built, tmp_path, corpus_dir, tokenizer):
+    home = tmp_path / "home"
+    shutil.copytree(built.files, home / "book")  # files directly in the folder, no CURRENT
+    (home / "book" / "past_responses.npy").write_bytes(b"learned")
+    assert verify_index("book", home).num_documents == 4 and list_indexes(home) == ["book"]
+    index = build_index([corpus_dir / "notes.md"], "book", home=home, tokenizer=tokenizer, **SMALL)
+    assert index.num_documents == 1
+    assert sorted(p.name for p in (home / "book").iterdir()) == [".lock", "CURRENT", index.files.name]
+
+
+def test_building_into_a_folder_that_is_not_an_index_is_refused(tmp_path, corpus_dir, tokenizer):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "mine.txt").write_text("not an index")
+    with pytest.raises(ConfigError, match="is not an index"):
+        build_index([corpus_dir / "notes.md"], "docs", home=tmp_path, tokenizer=tokenizer, **SMALL)
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["mine.txt"]
+
+
+def test_name_with_a_trailing_newline_is_refused(tmp_path, corpus_dir, tokenizer):
+    for name in ("docs\n", "docs/..", "", "-x"):
+        with pytest.raises(ConfigError, match="index name"):
+            build_index([corpus_dir / "notes.md"], name, home=tmp_path, tokenizer=tokenizer, **SMALL)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_without_num_tokens_is_corrupt(copy_of):
+    with sqlite3.connect(files_of(copy_of) / "meta.sqlite") as db:
+        db.execute("delete from manifest where key = 'num_tokens'")
+    for check in (open_index, verify_index):
+        with pytest.raises(IndexCorrupt, match="lacks num_tokens"):
+            check("book", copy_of)
+
+
+def test_token_ids_outside_the_vocabulary_are_corrupt(copy_of, built):
+    tokens = files_of(copy_of) / "tokens.npy"
+    bad = np.load(tokens)
+    bad[3] = built.manifest["vocab_size"] + 7
+    np.save(tokens, bad)  # same size; and the manifest records the new checksum: only the ids are wrong
+    records = dict(built.manifest["files"], **{"tokens.npy": {"sha256": sha256_file(tokens), "bytes": tokens.stat().st_size}})
+    with sqlite3.connect(files_of(copy_of) / "meta.sqlite") as db:
+        db.execute("update manifest set value = ? where key = 'files'", [json.dumps(records)])
+    with pytest.raises(IndexCorrupt, match="token ids outside"):
+        verify_index("book", copy_of)
+    index = open_index("book", copy_of)
+    with pytest.raises(IndexCorrupt, match="token ids outside"):  # what an Engine calls on each request
+        index.check_tokenizer(index.manifest["tokenizer_fingerprint"])
+
+
+def test_remove_a_symlinked_index_removes_only_the_link(copy_of, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (copy_of / "book").rename(elsewhere)
+    (copy_of / "book").symlink_to(elsewhere, target_is_directory=True)
     assert open_index("book", copy_of).num_documents == 4
-    assert sorted(p.name for p in copy_of.iterdir()) == ["book"]
+    remove_index("book", copy_of)
+    assert not (copy_of / "book").exists() and versions.current(elsewhere) is not None
+    assert open_index(elsewhere).num_documents == 4

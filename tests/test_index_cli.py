@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from ragspec.index import versions
 from ragspec.index_cli import index_group
 
 BOOK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "corpus" / "pg1342_pride_and_prejudice.txt"
@@ -97,7 +98,7 @@ def test_empty_corpus_and_corrupt_index_errors(tmp_path, home, corpus):
     build = invoke("build", corpus, "--name", "c", "--chunk-tokens", 64, "--overlap-tokens", 8, "--quiet",
                    "--home", tmp_path)
     assert build.exit_code == 0, build.output
-    suffix = tmp_path / "c" / "suffix.npy"
+    suffix = versions.current(tmp_path / "c") / "suffix.npy"
     suffix.write_bytes(suffix.read_bytes()[:100])
     result = invoke("verify", "c", "--home", tmp_path)
     assert result.exit_code == 1 and "suffix.npy" in result.stderr and "rebuild" in result.stderr

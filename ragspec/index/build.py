@@ -1,25 +1,25 @@
 """Build an index, or add documents to one, atomically.
 
-Every build writes into a temporary directory inside the home and renames it into place at
-the end, so an interrupted build (Ctrl-C, a crash, a full disk) leaves the previous index as
-it was. `add` embeds and tokenizes only documents not indexed yet, appends their vectors and
+Every build writes a new version into a temporary directory inside the index folder and
+publishes it by flipping the folder's CURRENT pointer (ragspec.index.versions), so an
+interrupted build (Ctrl-C, SIGKILL, a full disk) leaves the previous index as it was, and a
+reader sees the old version or the new one, whole. `add` embeds and tokenizes only documents not indexed yet, appends their vectors and
 tokens, and rebuilds the suffix array (seconds for millions of tokens).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from ragspec.errors import EmptyCorpus
-from ragspec.index import store
+from ragspec.errors import ConfigError, EmptyCorpus
+from ragspec.index import store, versions
 from ragspec.index.corpus import Chunk, Corpus, Document, check_chunking, chunk_document, read_corpus
 from ragspec.index.datastore import SEPARATOR, build_suffix_array
 from ragspec.index.encoders import (
@@ -32,17 +32,6 @@ log = logging.getLogger(__name__)
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Replace `final` by the finished `tmp`: the old index is moved aside, then deleted."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".old-{final.name}-"))
-        os.replace(final, old / final.name)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _chunk_all(documents: list[Document], tokenizer, chunk_tokens: int, overlap_tokens: int,
@@ -95,19 +84,40 @@ def _write_arrays(tmp: Path, tokens: np.ndarray, dense, progress: bool) -> None:
         bar.update(len(tokens))
 
 
-def _finish(tmp: Path, db, manifest: dict, final: Path) -> None:
+def _finish(tmp: Path, db, manifest: dict) -> None:
     manifest["files"] = store.file_records(tmp)
     manifest["updated_at"] = _now()
     store.write_manifest(db, manifest)
     db.conn.close()
-    tmp.chmod(0o755)  # mkdtemp makes it private; an index is shared like any build output
-    _swap_into_place(tmp, final)
 
 
-def _stats(started: float, final: Path, documents: int, chunks: int, tokens: int, corpus: Corpus,
+def _check_target(folder: Path) -> None:
+    """Never build into (and so never garbage-collect in) a folder that holds something else."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} exists and is not an index folder: choose another --name or --home")
+    if folder.is_dir() and not versions.is_index_folder(folder):
+        foreign = [p.name for p in folder.iterdir() if p.name != versions.LOCK and not p.name.startswith(".tmp-")]
+        if foreign:
+            raise ConfigError(f"{folder} exists and is not an index (it holds {foreign[0]}, ...): "
+                              "choose another --name or --home")
+
+
+@contextlib.contextmanager
+def _new_version(folder: Path, keep: tuple[str, ...] = ()):
+    """Yield a private build directory; publish it as the index's version if the block succeeds."""
+    tmp, lease = versions.start_build(folder)
+    try:
+        yield tmp
+        versions.publish(folder, tmp, lease, keep)
+    finally:
+        lease.release()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _stats(started: float, files: Path, documents: int, chunks: int, tokens: int, corpus: Corpus,
            total_tokens: int) -> BuildStats:
     seconds = max(time.perf_counter() - started, 1e-9)
-    size = sum(p.stat().st_size for p in final.iterdir() if p.is_file())
+    size = sum(p.stat().st_size for p in files.iterdir() if p.is_file())
     return BuildStats(seconds, documents, chunks, tokens, tokens / seconds, chunks / seconds,
                       size / max(total_tokens, 1), tuple(corpus.skipped))
 
@@ -147,9 +157,8 @@ def _build_corpus(corpus: Corpus, name: str, home, tokenizer, model_name: str, e
     dense, effective = create_faiss(faiss_factory, vectors)
     tokens, spans = _token_layout(chunks, 0)
     root = index_home(home)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
-    try:
+    _check_target(root / name)
+    with _new_version(root / name) as tmp:
         db = store.connect(tmp / store.META_FILE, writable=True)
         store.create_tables(db)
         _insert_rows(db, corpus.documents, chunks, spans, 0, 0)
@@ -157,11 +166,9 @@ def _build_corpus(corpus: Corpus, name: str, home, tokenizer, model_name: str, e
         manifest = _manifest(model_name, tokenizer, embedder_name, embedder_path, vectors.shape[1],
                              faiss_factory, effective, chunk_tokens, overlap_tokens)
         manifest.update(num_documents=len(corpus.documents), num_chunks=len(chunks), num_tokens=len(tokens))
-        _finish(tmp, db, manifest, root / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _finish(tmp, db, manifest)
     index = open_index(name, root)
-    index.build_stats = _stats(started, index.path, len(corpus.documents), len(chunks), len(tokens), corpus,
+    index.build_stats = _stats(started, index.files, len(corpus.documents), len(chunks), len(tokens), corpus,
                                len(tokens))
     log.info("built index %s: %s", name, index.build_stats)
     return index
@@ -218,28 +225,23 @@ def add_to_index(name: str, paths: list[Path], home=None, tokenizer=None, progre
     documents = _new_documents(index, corpus)
     chunks = _chunk_all(documents, tokenizer, manifest["chunk_tokens"], manifest["overlap_tokens"], progress)
     if not chunks:
-        index.build_stats = _stats(started, index.path, 0, 0, 0, corpus, len(index.datastore))
+        index.build_stats = _stats(started, index.files, 0, 0, 0, corpus, len(index.datastore))
         return index
     vectors = embed(load_embedder(manifest["embedder_path"]), [c.text for c in chunks], progress)
-    dense = read_faiss(index.path / store.DENSE_FILE, mmap=False)
+    dense = read_faiss(index.files / store.DENSE_FILE, mmap=False)
     dense.add(vectors)
     new_tokens, spans = _token_layout(chunks, len(index.datastore))
     tokens = np.concatenate([np.asarray(index.datastore.tokens), new_tokens])
-    tmp = Path(tempfile.mkdtemp(dir=index.path.parent, prefix=f".tmp-{index.name}-"))
-    try:
-        shutil.copy2(index.path / store.META_FILE, tmp / store.META_FILE)
-        if (index.path / store.PAST_RESPONSES_FILE).is_file():
-            shutil.copy2(index.path / store.PAST_RESPONSES_FILE, tmp / store.PAST_RESPONSES_FILE)
+    with _new_version(index.path, keep=(store.PAST_RESPONSES_FILE,)) as tmp:
+        shutil.copy2(index.files / store.META_FILE, tmp / store.META_FILE)
         db = store.connect(tmp / store.META_FILE, writable=True)
         _insert_rows(db, documents, chunks, spans, index.num_documents, index.num_chunks)
         _write_arrays(tmp, tokens, dense, progress)
         manifest.update(num_documents=index.num_documents + len(documents),
                         num_chunks=index.num_chunks + len(chunks), num_tokens=len(tokens))
+        _finish(tmp, db, manifest)
         index.close()
-        _finish(tmp, db, manifest, index.path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     updated = open_index(index.path)
-    updated.build_stats = _stats(started, updated.path, len(documents), len(chunks), len(new_tokens), corpus,
+    updated.build_stats = _stats(started, updated.files, len(documents), len(chunks), len(new_tokens), corpus,
                                  len(tokens))
     return updated

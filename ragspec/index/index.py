@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ragspec.errors import ConfigError, IndexCorrupt, IndexNotFound, TokenizerMismatch
-from ragspec.index import store
+from ragspec.index import store, versions
 from ragspec.index.datastore import TokenDatastore
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -49,43 +49,46 @@ def index_home(home: str | os.PathLike | None = None) -> Path:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(f"index name {name!r}: use letters, digits, '.', '_' or '-' (e.g. docs-v1)")
     return name
 
 
 def resolve(name_or_path: str | os.PathLike, home: str | os.PathLike | None = None) -> Path:
-    """A name under the home, or a directory path; IndexNotFound if there is none."""
+    """The index folder: a name under the home, or a directory path; IndexNotFound if there is none."""
     text = str(name_or_path)
     if os.sep in text or text.startswith(".") or Path(text).is_absolute():
         path = Path(text).expanduser()
     else:
         path = index_home(home) / check_name(text)
-    if not path.is_dir():
-        _restore_moved_aside(path)
-    if not path.is_dir():
-        known = ", ".join(list_indexes(home)) or "none"
-        raise IndexNotFound(
-            f"no index at {path} (indexes here: {known}): build it with `ragspec index build PATH --name {path.name}`"
-        )
+    if not path.is_dir() or not versions.is_index_folder(path):
+        raise _not_found(path, home)
     return path
 
 
-def _restore_moved_aside(path: Path) -> None:
-    """A build stopped between its two renames leaves the old index in .old-<name>-*/: put it back."""
-    for aside in sorted(path.parent.glob(f".old-{path.name}-*/{path.name}")):
-        if (aside / store.META_FILE).exists():
-            log.warning("restoring index %s from %s (a build was interrupted)", path.name, aside)
-            os.replace(aside, path)
-            shutil.rmtree(aside.parent, ignore_errors=True)
-            return
+def _not_found(path: Path, home) -> IndexNotFound:
+    known = ", ".join(list_indexes(home)) or "none"
+    hint = f"build it with `ragspec index build PATH --name {path.name}`"
+    aside = sorted(path.parent.glob(f".old-{path.name}-*/{path.name}"))
+    if aside:  # an older ragspec stopped between the two renames of its swap
+        hint = f"an interrupted build of an older ragspec left it in {aside[0]}: move it back, or {hint}"
+    return IndexNotFound(f"no index at {path} (indexes here: {known}): {hint}")
 
 
 class Index:
-    """A built index: dense retrieval over chunks plus the token datastore for drafting."""
+    """A built index: dense retrieval over chunks plus the token datastore for drafting.
 
-    def __init__(self, path: Path, db, manifest: dict, datastore: TokenDatastore) -> None:
+    `path` is the index folder (learned state such as past_responses.npy lives there); `files`
+    the version directory holding the build's files, leased (kept from deletion by a rebuild)
+    until `close()` or until the Index is garbage-collected.
+    """
+
+    def __init__(self, path: Path, db, manifest: dict, datastore: TokenDatastore, files: Path | None = None,
+                 lease: versions.Lease | None = None) -> None:
         self.path = path
+        self.files = files if files is not None else path
+        self._lease = lease
+        self._ids_checked = False
         self.manifest = manifest
         self.datastore = datastore
         self.build_stats: BuildStats | None = None
@@ -117,13 +120,16 @@ class Index:
                 f"but the model in use has tokenizer {fingerprint}: rebuild it with "
                 f"`ragspec index build ... --name {self.name} --model <your model>`"
             )
+        if not self._ids_checked:  # once per Index: the drafter feeds these ids to the model
+            store.check_token_ids(self.files / store.TOKENS_FILE, self.datastore.tokens, self.manifest["vocab_size"])
+            self._ids_checked = True
 
     @property
     def dense(self):
         if self._dense is None:
             from ragspec.index.encoders import on_gpu_if_available, read_faiss
 
-            self._dense = on_gpu_if_available(read_faiss(self.path / store.DENSE_FILE))
+            self._dense = on_gpu_if_available(read_faiss(self.files / store.DENSE_FILE))
         return self._dense
 
     def embedder(self):
@@ -167,6 +173,8 @@ class Index:
     def close(self) -> None:
         self._db.conn.close()
         self._dense = None
+        if self._lease is not None:
+            self._lease.release()
 
 
 def open_index(name_or_path: str | os.PathLike, home: str | os.PathLike | None = None, *,
@@ -174,19 +182,36 @@ def open_index(name_or_path: str | os.PathLike, home: str | os.PathLike | None =
     """Open an index by name (under the home) or directory, memory-mapping its arrays.
 
     Checks the format version, that every file is there with its recorded size, and the
-    array lengths; `checksums=True` also hashes every file (what `ragspec index verify` does).
+    array lengths; `checksums=True` also hashes every file and checks that every token id is
+    inside the vocabulary (what `ragspec index verify` does). The version opened stays whole
+    while a rebuild publishes another one (see ragspec.index.versions).
     """
-    path = resolve(name_or_path, home)
-    db, manifest = store.read_manifest(path)
-    store.check_files(path, manifest, checksums)
+    folder = resolve(name_or_path, home)
+    leased = versions.lease_current(folder)
+    if leased is None:
+        raise _not_found(folder, home)
+    files, lease = leased
+    try:
+        return _open_files(folder, files, lease, checksums)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _open_files(folder: Path, files: Path, lease: versions.Lease, checksums: bool) -> Index:
+    db, manifest = store.read_manifest(files)
+    store.check_manifest(files, manifest)
+    store.check_files(files, manifest, checksums)
     if checksums:
-        store.check_sqlite(path, db)
-    tokens = store.load_array(path / store.TOKENS_FILE, manifest["num_tokens"], "tokens")
-    suffix = store.load_array(path / store.SUFFIX_FILE, manifest["num_tokens"], "suffix-array rows")
-    index = Index(path, db, manifest, TokenDatastore(tokens=tokens, suffix_array=suffix))
+        store.check_sqlite(files, db)
+    tokens = store.load_array(files / store.TOKENS_FILE, manifest["num_tokens"], "tokens")
+    suffix = store.load_array(files / store.SUFFIX_FILE, manifest["num_tokens"], "suffix-array rows")
+    if checksums:
+        store.check_token_ids(files / store.TOKENS_FILE, tokens, manifest["vocab_size"])
+    index = Index(folder, db, manifest, TokenDatastore(tokens=tokens, suffix_array=suffix), files, lease)
     if checksums and index.dense.ntotal != index.num_chunks:
         raise IndexCorrupt(
-            f"{path / store.DENSE_FILE} holds {index.dense.ntotal} vectors for {index.num_chunks} chunks; "
+            f"{files / store.DENSE_FILE} holds {index.dense.ntotal} vectors for {index.num_chunks} chunks; "
             f"{store.REBUILD_HINT}"
         )
     return index
@@ -198,18 +223,23 @@ def verify_index(name_or_path: str | os.PathLike, home: str | os.PathLike | None
 
 
 def list_indexes(home: str | os.PathLike | None = None) -> list[str]:
-    """Names of the index directories under the home (temporary build dirs excluded)."""
+    """Names of the index folders under the home (temporary and hidden folders excluded)."""
     root = index_home(home)
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / store.META_FILE).exists())
+                  if p.is_dir() and not p.name.startswith(".") and versions.is_index_folder(p))
 
 
 def remove_index(name: str, home: str | os.PathLike | None = None) -> Path:
-    """Delete an index directory; returns its path."""
+    """Delete an index folder; returns its path. A folder that is a symbolic link: only the
+    link is removed, never what it points to."""
     path = resolve(name, home)
-    if not (path / store.META_FILE).exists():
-        raise IndexNotFound(f"{path} is not a ragspec index (no {store.META_FILE}); not removing it")
-    shutil.rmtree(path)
+    if path.is_symlink():
+        path.unlink()
+        return path
+    with versions.writer_lock(path):  # not while a build publishes into it
+        trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+        os.replace(path, trash)
+    shutil.rmtree(trash)
     return path

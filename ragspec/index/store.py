@@ -83,8 +83,8 @@ def read_manifest(directory: Path) -> tuple[object, dict]:
     try:
         db = connect(path)
         manifest = {row["key"]: json.loads(row["value"]) for row in db["manifest"].rows}
-    except (sqlite3.DatabaseError, json.JSONDecodeError) as exc:
-        raise IndexCorrupt(f"{path} is damaged ({exc}); {REBUILD_HINT}") from exc
+    except (sqlite3.Error, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise IndexCorrupt(f"{path} is damaged ({type(exc).__name__}: {exc}); {REBUILD_HINT}") from exc
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise IndexVersionMismatch(
@@ -92,6 +92,37 @@ def read_manifest(directory: Path) -> tuple[object, dict]:
             f"{FORMAT_VERSION}: {REBUILD_HINT}"
         )
     return db, manifest
+
+
+_COUNTS = ("num_documents", "num_chunks", "num_tokens", "vocab_size")
+
+
+def check_manifest(directory: Path, manifest: dict) -> None:
+    """The manifest keys readers rely on, with the right types; IndexCorrupt naming the first bad one."""
+    def bad(what: str) -> IndexCorrupt:
+        return IndexCorrupt(f"{directory / META_FILE}: the manifest {what}; {REBUILD_HINT}")
+
+    for key in _COUNTS:
+        value = manifest.get(key)
+        if type(value) is not int or value < 0:
+            raise bad(f"has {key} = {value!r}, not a count" if key in manifest else f"lacks {key}")
+    if not isinstance(manifest.get("tokenizer_fingerprint"), str):
+        raise bad("lacks tokenizer_fingerprint")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != set(CHECKSUMMED_FILES):
+        raise bad(f"lists files {sorted(files) if isinstance(files, dict) else files!r}, not {list(CHECKSUMMED_FILES)}")
+    for name, record in files.items():
+        if not (isinstance(record, dict) and type(record.get("bytes")) is int and isinstance(record.get("sha256"), str)):
+            raise bad(f"has no size and sha256 for {name}")
+
+
+def check_token_ids(path: Path, tokens: np.ndarray, vocab_size: int) -> None:
+    """Every datastore entry a token id of the vocabulary or the separator (-1)."""
+    if len(tokens) and (int(tokens.min()) < -1 or int(tokens.max()) >= vocab_size):
+        raise IndexCorrupt(
+            f"{path} holds token ids outside [0, {vocab_size}) other than the separator -1 "
+            f"(min {int(tokens.min())}, max {int(tokens.max())}); {REBUILD_HINT}"
+        )
 
 
 def check_files(directory: Path, manifest: dict, checksums: bool) -> None:
@@ -112,7 +143,7 @@ def check_files(directory: Path, manifest: dict, checksums: bool) -> None:
 def check_sqlite(directory: Path, db) -> None:
     try:
         result = db.execute("PRAGMA integrity_check").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
+    except sqlite3.Error as exc:
         result = str(exc)
     if result != "ok":
         raise IndexCorrupt(f"{directory / META_FILE} fails its integrity check ({result}); {REBUILD_HINT}")
@@ -122,8 +153,10 @@ def load_array(path: Path, length: int, what: str) -> np.ndarray:
     """np.load with a memory map, checked against the manifest's length."""
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise IndexCorrupt(f"cannot read {path} ({exc}); {REBUILD_HINT}") from exc
+    if array.dtype.kind not in "iu":
+        raise IndexCorrupt(f"{path} holds {array.dtype} values, not integers; {REBUILD_HINT}")
     if array.ndim != 1 or len(array) != length:
         raise IndexCorrupt(f"{path} holds {array.shape} {what}, the manifest says {length}; {REBUILD_HINT}")
     return array
