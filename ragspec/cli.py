@@ -21,13 +21,27 @@ def _model_options(command):
     return command
 
 
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+# Below this, logits / temperature overflows float32 for ordinary logits (1e-45 gives inf and a
+# crash in sampling); such a temperature means "always the top token": use 0 (greedy) for that.
+MIN_TEMPERATURE = 1e-3
+
+
+def _check_temperature(ctx, param, value: float) -> float:
+    if 0 < value < MIN_TEMPERATURE:
+        raise click.BadParameter(f"{value} is too close to 0 to sample with: use 0 for greedy decoding, "
+                                 f"or {MIN_TEMPERATURE} or more")
+    return value
+
+
 def _generation_options(command):
     options = [
         click.option("--max-new-tokens", default=256, show_default=True, type=int),
-        click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy."),
+        click.option("--temperature", default=0.0, show_default=True, type=float, callback=_check_temperature,
+                     help=f"0 = greedy; sampling takes {MIN_TEMPERATURE} or more."),
         click.option("--top-k", default=0, type=int, help="0 = off."),
         click.option("--top-p", default=1.0, type=float),
-        click.option("--seed", default=None, type=int),
+        click.option("--seed", default=None, type=click.IntRange(0, MAX_SEED), help="Sampling seed, 0 to 2**64-1."),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--no-spec", is_flag=True, help="Plain decoding, no speculation."),
         click.option("--stats", is_flag=True, help="Print acceptance and speed stats to stderr."),
@@ -145,6 +159,21 @@ def ask(question, index_name, k, scope, show_sources, home, model, dtype, device
         for rank, chunk in enumerate(result.sources, 1):
             preview = " ".join(chunk.text.split())[:100]
             click.echo(f"[{rank}] {chunk.score:.3f} {chunk.source}: {preview}", err=True)
+
+
+@main.command()
+@_model_options
+@library_errors
+def info(model, dtype, device):
+    """Show what the model runs on here and why: device, dtype, CPU flags, torch build, the
+    kernels chosen (probe and timing results) and the cached verify-latency curve.
+
+    Example: ragspec info --dtype bfloat16
+    """
+    from ragspec.kernels.info import format_info, runtime_info
+
+    engine = _engine(model, dtype, device)
+    click.echo("\n".join(format_info(runtime_info(engine.target))))
 
 
 def _attach_subcommands() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragspec.verify.attention import MAX_SMALL_QUERY, small_query_attention
+from ragspec.kernels.attention import MAX_SMALL_QUERY, small_query_attention
 
 
 class _Module(torch.nn.Module):

@@ -33,9 +33,9 @@ import torch
 from ragspec.config import SpecConfig
 from ragspec.engine import Engine, Generation
 from ragspec.errors import ConfigError
+from ragspec.kernels.linear import unpacked
 from ragspec.models import EMBEDDED_MODEL, embedded_model_path
 from ragspec.types import SpecStats
-from ragspec.verify.linear import unpacked
 
 REFERENCE_METHOD = "ragspec-ar"
 SPECULATIVE_METHOD = "ragspec"
