@@ -61,7 +61,7 @@ def _bad_recycling_files(vocab: int) -> dict[str, bytes | np.ndarray]:
     return {
         "empty": b"",
         "truncated": whole[: len(whole) // 2],
-        "garbage": os.urandom(4096),
+        "garbage": bytes(range(256)) * 16,
         "pickled": np.array([{"a": 1}], dtype=object),
         "wrong shape": np.zeros((vocab, TOP_K + 1), dtype=np.int32),
         "float dtype": np.full((vocab, TOP_K), 0.5),
@@ -112,7 +112,7 @@ def test_a_bad_past_responses_file_is_ignored_with_a_warning(tiny_llama, index_h
     shutil.copytree(index_home, home)
     state = home / INDEX / PAST_RESPONSES_FILE
     vocab = int(tiny_llama.model.config.vocab_size)
-    content = {"empty": b"", "garbage": os.urandom(3000), "pickled": np.array([[1, 2]], dtype=object),
+    content = {"empty": b"", "garbage": bytes(range(256)) * 12, "pickled": np.array([[1, 2]], dtype=object),
                "2-D": np.zeros((3, 4), dtype=np.int32),
                "ids past the vocabulary": np.array([-1, 5, vocab + 1], dtype=np.int32)}[kind]
     _save_raw(state, content)
@@ -207,6 +207,15 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path, caplog):
     assert save_curve(tmp_path / "curve.json", LatencyCurve((1, 2), (0.1, 0.2))) is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.json", "state.npy"]
     assert len(_warnings(caplog)) == 2
+
+
+def test_a_save_keeps_the_files_permissions(tmp_path):
+    path = tmp_path / "state.npy"
+    save_state(path, np.arange(4))
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by others, like the index beside it
+    path.chmod(0o640)
+    save_state(path, np.arange(5))
+    assert path.stat().st_mode & 0o777 == 0o640 and len(np.load(path)) == 5
 
 
 def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):

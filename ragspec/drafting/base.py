@@ -74,6 +74,7 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), _mode_for(path))  # not mkstemp's 0600: others may read an index
             write(file)
             file.flush()
             os.fsync(file.fileno())
@@ -82,6 +83,14 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits of the file being replaced, or rw-r--r-- for a new one."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        return 0o644
 
 
 def remove_stale_temporaries(path: Path, older_than_s: float = STALE_TEMP_S) -> int:
