@@ -44,8 +44,8 @@ from hypothesis import settings
 
 from ragspec import Engine, LoadedModel
 from ragspec.drafting.budget import LatencyCurve
-from ragspec.models import _dequantised_dir, attention_for, embedded_model_path
 from ragspec.kernels.select import choose_kernels
+from ragspec.models import _dequantised_dir, attention_for, embedded_model_path, load_model
 
 # Nearly flat: verifying 64 nodes costs about what 1 costs, so the budget speculates a lot.
 FLAT_CURVE = LatencyCurve(rows=(1, 64), seconds=(0.010, 0.0101))
@@ -130,8 +130,15 @@ def tiny_engine(tiny_model) -> Engine:
 
 
 @pytest.fixture(scope="session")
-def real_engine() -> Engine:
-    return Engine(dtype="float32", device=TEST_DEVICE)
+def real_model() -> LoadedModel:
+    """The embedded model in fp32, loaded once per session (kernels chosen as for a user). Tests
+    that need other engine settings wrap it: Engine(real_model, ...); none may change it."""
+    return load_model(None, dtype="float32", device=TEST_DEVICE)
+
+
+@pytest.fixture(scope="session")
+def real_engine(real_model) -> Engine:
+    return Engine(real_model)
 
 
 def spec_bench_questions() -> list[dict]:

@@ -225,3 +225,23 @@ def test_unreadable_timings_are_measured_again(tokenizer, tmp_path, caplog):
     loaded = tiny(tokenizer, cache_path=path)
     assert "unreadable kernel timings" in caplog.text
     assert json.loads(path.read_text())["timings_ms"]["linear"] == loaded.kernels.linear.timings_ms
+
+
+@pytest.mark.slow
+def test_info_shows_the_kernels_and_the_cached_curve(real_engine):
+    from click.testing import CliRunner
+
+    from ragspec.cli import main
+    from ragspec.kernels.info import format_info, runtime_info
+
+    curve = real_engine.budget().curve  # measured now or earlier in the session, and cached
+    info = runtime_info(real_engine.target)
+    assert info.kernels is real_engine.target.kernels and info.latency_curve == curve
+    assert info.cpu_flags == probe.cpu_flags() and info.dtype == "float32"
+    shown = CliRunner().invoke(main, ["info", "--dtype", "float32", "--device", "cpu"], catch_exceptions=False)
+    assert shown.exit_code == 0, shown.output
+    plan = real_engine.target.kernels
+    assert f"kernel linear: {plan.linear.chosen} (" in shown.stdout
+    assert f"kernel attention: {plan.attention.chosen} (" in shown.stdout
+    assert f"1: {curve.seconds[0] * 1000:.1f}" in shown.stdout  # the same cached curve, read back
+    assert shown.stdout.splitlines()[1:5] == format_info(info)[1:5]  # device, torch, flags, capability
