@@ -67,6 +67,7 @@ def _print_stats(stats) -> None:
         f"(decode {stats.decode_tokens_per_s:.1f} tok/s, first token {stats.time_to_first_token_s * 1000:.0f} ms)",
         f"mean acceptance length: {stats.mean_acceptance_length:.2f} over {stats.num_steps} steps; "
         f"draft acceptance rate {stats.draft_acceptance_rate:.2f} ({stats.num_accepted_tokens}/{stats.num_draft_tokens})",
+        f"prompt tokens from the prefix cache: {stats.cached_prompt_tokens}",
     ]
     for source, drafted in sorted(stats.drafted_per_source.items()):
         accepted = stats.accepted_per_source.get(source, 0)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ragspec.errors import ModelNotFound, UnsupportedModel
+from ragspec.errors import ConfigError, ModelNotFound, UnsupportedModel
 
 if TYPE_CHECKING:
     from ragspec.kernels.select import KernelPlan
@@ -136,9 +137,22 @@ def embedded_model_path() -> Path:
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` checked against what this machine has (ConfigError otherwise); None: cuda if present."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here: use --device cpu")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} asked for, but MPS is not available here: use --device cpu")
+    if chosen.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    return chosen
 
 
 def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
@@ -221,6 +235,9 @@ def _load_hf_dir(model_dir: Path, dtype: torch.dtype, attention: str):
     return model, tokenizer
 
 
+_GGUF_READ_ERRORS = (ValueError, KeyError, IndexError, TypeError, OverflowError, EOFError, struct.error)
+
+
 def _dequantised_dir(gguf_path: Path) -> Path:
     """Dequantise a GGUF file once into a cached HF directory (fp32 safetensors)."""
     stat = gguf_path.stat()
@@ -236,8 +253,10 @@ def _dequantised_dir(gguf_path: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
         )
-    except (ValueError, KeyError) as exc:
-        raise UnsupportedModel(f"cannot load GGUF file {gguf_path}: {exc}") from exc
+    except _GGUF_READ_ERRORS as exc:  # what the GGUF parser raises on a truncated or damaged file
+        raise UnsupportedModel(
+            f"cannot load GGUF file {gguf_path} (truncated, damaged or unsupported): {exc}"
+        ) from exc
     # transformers marks GGUF-loaded models as quantised and refuses to save them; the weights
     # are already dequantised to plain tensors, so drop the marker.
     model.hf_quantizer = None

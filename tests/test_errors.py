@@ -212,3 +212,38 @@ def test_tree_contract_is_enforced():
         DraftTree(np.array([1, 2]), np.array([1, ROOT]), np.ones(2), ("a", "a"))  # child before parent
     with pytest.raises(ValueError):
         DraftTree(np.array([1, 2]), np.array([ROOT]), np.ones(2), ("a", "a"))
+
+
+@pytest.mark.parametrize("device, message", [("foo", "unknown device"), ("cuda:-1", "unknown device"),
+                                             ("meta", "not supported"), ("xla", "not supported")])
+def test_bad_device_strings_are_config_errors(device, message):
+    from ragspec.models import pick_device
+
+    with pytest.raises(ConfigError, match=message):
+        pick_device(device)
+    assert pick_device("cpu").type == "cpu"
+
+
+def test_cuda_without_cuda_is_a_config_error():
+    import torch
+
+    from ragspec.models import pick_device
+
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA device"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+@pytest.mark.parametrize("keep", [0, 10, 1000, 100_000, 5_000_000])
+def test_truncated_gguf_is_a_clear_error(tmp_path, monkeypatch, keep):
+    from ragspec.errors import UnsupportedModel
+    from ragspec.models import embedded_model_path
+
+    monkeypatch.setenv("RAGSPEC_CACHE_DIR", str(tmp_path / "cache"))
+    with open(embedded_model_path(), "rb") as whole:
+        (tmp_path / "cut.gguf").write_bytes(whole.read(keep))
+    with pytest.raises(UnsupportedModel, match="cut.gguf .truncated, damaged or unsupported"):
+        load_model(tmp_path / "cut.gguf", device="cpu")

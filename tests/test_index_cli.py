@@ -128,3 +128,69 @@ def test_shipped_recipes_parse():
 
     for recipe in (Path(__file__).resolve().parents[1] / "indexes").glob("*.toml"):
         assert load_recipe(recipe).name
+
+
+@pytest.mark.parametrize("body, message", [
+    ('name = "r"\npaths = ["x"]\nchunk_tokens = "big"\n', "chunk_tokens must be a whole number"),
+    ('name = "r"\npaths = ["x"]\nchunk_tokens = 1.5\n', "chunk_tokens must be a whole number"),
+    ('name = "r"\npaths = ["x"]\nmodel = 3\n', "model must be a string"),
+    ('name = "r"\npaths = "x"\n', "paths must be a list"),
+    ('name = 7\npaths = ["x"]\n', "name must be a string"),
+    ("name = \"caf\xe9\"\npaths = [\"x\"]\n".encode("latin-1"), "not UTF-8"),
+    (b"\x00\xff\xfe garbage", "not UTF-8"),
+    ('name = "r"\npaths = [', "cannot read recipe"),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, body, message):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_bytes(body if isinstance(body, bytes) else body.encode())
+    result = invoke("build", "--recipe", recipe, "--quiet", "--home", tmp_path / "home")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("factory, message", [("IDMap,Flat", "cannot add and search"), ("HNSW1", "crashed"),
+                                              ("Bogus", "cannot parse")])
+def test_unusable_faiss_factories_are_one_line_errors(tmp_path, corpus, factory, message):
+    result = invoke("build", corpus / "facts.jsonl", "--name", "f", "--faiss", factory, "--quiet", "--home", tmp_path)
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and message in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "f").exists()
+
+
+@pytest.fixture(scope="module")
+def spare(tmp_path_factory, corpus) -> Path:
+    """A home with index "book" that no test changes (test_add_then_rm removes the shared one)."""
+    home = tmp_path_factory.mktemp("spare")
+    result = invoke("build", corpus / "facts.jsonl", "--name", "book", "--quiet", "--home", home)
+    assert result.exit_code == 0, result.output
+    return home
+
+
+def _copy(home, tmp_path):
+    import shutil
+
+    shutil.copytree(home / "book", tmp_path / "book")
+    return versions.current(tmp_path / "book")
+
+
+def test_verify_reports_a_manifest_without_num_tokens(spare, tmp_path):
+    import sqlite3
+
+    with sqlite3.connect(_copy(spare, tmp_path) / "meta.sqlite") as db:
+        db.execute("delete from manifest where key = 'num_tokens'")
+    result = invoke("verify", "book", "--home", tmp_path)
+    assert result.exit_code == 1 and "lacks num_tokens" in result.stderr and "rebuild" in result.stderr
+
+
+def test_rm_of_a_symlinked_index_removes_only_the_link(spare, tmp_path):
+    _copy(spare, tmp_path / "real")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "book").symlink_to(tmp_path / "real" / "book")
+    result = invoke("rm", "book", "--yes", "--home", tmp_path / "links")
+    assert result.exit_code == 0, result.output
+    assert "which is kept" in result.stdout and not (tmp_path / "links" / "book").exists()
+    assert invoke("verify", "book", "--home", tmp_path / "real").exit_code == 0
+
+
+def test_names_with_a_trailing_newline_are_refused(tmp_path, corpus):
+    result = invoke("build", corpus, "--name", "docs\n", "--quiet", "--home", tmp_path)
+    assert result.exit_code == 1 and "index name" in result.stderr and list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -150,6 +151,9 @@ def read_corpus(paths: list[Path], progress: bool = True) -> Corpus:
 
 
 def check_chunking(chunk_tokens: int, overlap_tokens: int) -> None:
+    for value in (chunk_tokens, overlap_tokens):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"chunk and overlap sizes are whole numbers of tokens, got {value!r}")
     if chunk_tokens < 1 or not 0 <= overlap_tokens < chunk_tokens:
         raise ConfigError(
             f"chunk size {chunk_tokens} / overlap {overlap_tokens} tokens: need chunk >= 1 and "

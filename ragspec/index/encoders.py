@@ -110,14 +110,45 @@ def _clamp_ivf(factory: str, num_vectors: int) -> str:
     return factory[: match.start(1)] + str(fitted) + factory[match.end(1):]
 
 
+# Factories known to build and search safely; anything else is tried in a child process first,
+# since FAISS aborts the whole process on some parameters (HNSW1, PQ1x0) instead of raising.
+_SAFE_FACTORY = re.compile(r"Flat|HNSW([2-9]|[1-9][0-9]{1,2})(,Flat)?|IVF[0-9]{1,7},Flat")
+_PROBE = """
+import io, sys, faiss, numpy as np
+vectors = np.load(io.BytesIO(sys.stdin.buffer.read()))
+index = faiss.index_factory(vectors.shape[1], sys.argv[1], faiss.METRIC_INNER_PRODUCT)
+index.train(vectors) if not index.is_trained else None
+index.add(vectors); index.search(vectors[:1], 1)
+"""
+
+
+def _probe_factory(factory: str, vectors: np.ndarray) -> None:
+    """Build `factory` over a sample in a child process; ConfigError if FAISS kills it."""
+    import io
+    import subprocess
+    import sys
+
+    sample = io.BytesIO()
+    np.save(sample, vectors[:256])
+    child = subprocess.run([sys.executable, "-c", _PROBE, factory], input=sample.getvalue(),
+                           capture_output=True, timeout=600, check=False)
+    if child.returncode != 0:  # a Python error here is raised again, with its message, by the real build
+        log.debug("FAISS probe of %s: exit %d: %s", factory, child.returncode, child.stderr[-2000:])
+    if child.returncode < 0:
+        raise ConfigError(f"FAISS crashed building {factory!r} (signal {-child.returncode}): "
+                          "use e.g. Flat, HNSW32,Flat or IVF64,Flat")
+
+
 def create_faiss(factory: str, vectors: np.ndarray):
     """A trained FAISS index (inner product) over `vectors`; returns (index, effective factory)."""
     import faiss
 
     effective = _clamp_ivf(factory, len(vectors))
+    if not _SAFE_FACTORY.fullmatch(effective):
+        _probe_factory(effective, vectors)
     try:
         index = faiss.index_factory(vectors.shape[1], effective, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
+    except (RuntimeError, TypeError) as exc:
         raise ConfigError(
             f"FAISS cannot parse the factory string {factory!r}: use e.g. Flat, HNSW32,Flat or IVF64,Flat"
         ) from exc
@@ -130,7 +161,15 @@ def create_faiss(factory: str, vectors: np.ndarray):
                 f"FAISS {effective} cannot be trained on {len(vectors)} vectors ({reason}): "
                 "use --faiss Flat or HNSW32,Flat for small corpora"
             ) from exc
-    index.add(vectors)
+    try:  # some factories parse but cannot be used as an index builds and searches them (IDMap,...)
+        index.add(vectors)
+        index.search(vectors[:1], 1)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        raise ConfigError(
+            f"FAISS {effective} cannot add and search plain vectors ({reason}): use e.g. Flat, HNSW32,Flat "
+            "or IVF64,Flat"
+        ) from exc
     return index, effective
 
 

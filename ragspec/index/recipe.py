@@ -31,26 +31,42 @@ class Recipe:
 
 
 def load_recipe(path: Path) -> Recipe:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read recipe {path}: {exc}") from exc
+    """Read and check a recipe; ConfigError naming the file and the bad entry."""
+    data = _read_toml(Path(path))
     unknown = set(data) - _KEYS
     if unknown or "name" not in data or not data.get("paths"):
         raise ConfigError(
             f"recipe {path}: needs name and paths, knows {sorted(_KEYS)}; unknown keys: {sorted(unknown)}"
         )
+    paths = data["paths"]
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise ConfigError(f'recipe {path}: paths must be a list of file or folder names, e.g. paths = ["docs/"]')
+    for key in ("name", "faiss", "model", "embedder", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(f"recipe {path}: {key} must be a string, got {data[key]!r}")
+    for key in ("chunk_tokens", "overlap_tokens"):
+        if key in data and type(data[key]) is not int:
+            raise ConfigError(f"recipe {path}: {key} must be a whole number, got {data[key]!r}")
     base = Path(path).resolve().parent
     return Recipe(
-        name=str(data["name"]),
-        paths=tuple((base / p).resolve() for p in data["paths"]),
-        chunk_tokens=int(data.get("chunk_tokens", 256)),
-        overlap_tokens=int(data.get("overlap_tokens", 32)),
-        faiss=str(data.get("faiss", "Flat")),
+        name=data["name"],
+        paths=tuple((base / p).resolve() for p in paths),
+        chunk_tokens=data.get("chunk_tokens", 256),
+        overlap_tokens=data.get("overlap_tokens", 32),
+        faiss=data.get("faiss", "Flat"),
         model=data.get("model"),
         embedder=data.get("embedder"),
     )
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read recipe {path}: it is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except (OSError, ValueError) as exc:  # TOMLDecodeError is a ValueError
+        raise ConfigError(f"cannot read recipe {path}: {exc}") from exc
