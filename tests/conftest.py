@@ -31,6 +31,7 @@ def _session_cache_dir() -> Path:
     (cache / "models").symlink_to(TEST_MODELS_DIR, target_is_directory=True)
     atexit.register(shutil.rmtree, cache, ignore_errors=True)
     os.environ["RAGSPEC_CACHE_DIR"] = os.environ["RAGSPEC_TEST_CACHE_DIR"] = str(cache)
+    os.environ["XDG_CACHE_HOME"] = str(cache / "xdg")  # other libraries' caches (matplotlib's fonts)
     os.environ["HF_HOME"] = str(cache / "huggingface")  # nothing is fetched: offline, empty
     os.environ["HF_HUB_OFFLINE"] = "1"
     return cache

@@ -238,6 +238,7 @@ def test_tests_run_with_a_temporary_cache_dir():
     assert not str(SESSION_CACHE_DIR).startswith(str(Path.home() / ".cache"))
     assert (SESSION_CACHE_DIR / "models").resolve() == TEST_MODELS_DIR.resolve()
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["HF_HOME"].startswith(str(SESSION_CACHE_DIR))
+    assert os.environ["XDG_CACHE_HOME"].startswith(str(SESSION_CACHE_DIR))
 
 
 def test_recycling_state_is_keyed_by_the_models_weights(tokenizer, private_cache):
