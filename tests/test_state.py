@@ -41,7 +41,7 @@ def _recycling_files(cache: Path) -> list[Path]:
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("ragspec")]
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("ragspec.drafting")]
 
 
 def _save_raw(path: Path, content: bytes | np.ndarray) -> None:
@@ -282,7 +282,7 @@ def run_writer(cache: str, home: str, tokenizer_dir: str, requests: int) -> dict
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger("ragspec").addHandler(handler)
+    logging.getLogger("ragspec.drafting").addHandler(handler)  # where learned state is read and written
     model = tiny_loaded("llama", AutoTokenizer.from_pretrained(tokenizer_dir))
     errors: list[str] = []
     for i in range(requests):
