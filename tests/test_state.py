@@ -41,7 +41,9 @@ def _recycling_files(cache: Path) -> list[Path]:
 
 
 def _warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("ragspec.drafting")]
+    """Warnings from where learned state is read and written."""
+    records = caplog.records
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING and r.name.startswith("ragspec.drafting")]
 
 
 def _save_raw(path: Path, content: bytes | np.ndarray) -> None:

@@ -96,7 +96,8 @@ class TokenRecyclingDrafter:
             return fresh
         expected = (vocab_size, TOP_K)
         if saved.shape != expected or saved.dtype.kind not in "iu":
-            log.warning("ignoring %s: %s %s, expected int %s; starting fresh", self.state_path, saved.dtype, saved.shape, expected)
+            log.warning("ignoring %s: %s %s, expected int %s; starting fresh",
+                        self.state_path, saved.dtype, saved.shape, expected)
             return fresh
         if saved.size and (saved.min() < UNKNOWN or saved.max() >= vocab_size):
             log.warning("ignoring %s: token ids outside [%d, %d); starting fresh", self.state_path, UNKNOWN, vocab_size)
