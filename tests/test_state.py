@@ -141,6 +141,28 @@ def test_a_bad_latency_cache_is_measured_again(tiny_llama, private_cache, caplog
     assert read_curve(path) == curve  # the new measurement replaced the bad file
 
 
+def test_the_cli_still_answers_over_an_empty_recycling_file(tokenizer, tmp_path, private_cache):
+    """The issue's symptom: every `ragspec generate` exited 1 printing only `Aborted!`."""
+    from click.testing import CliRunner
+
+    from conftest import build_tiny_model
+    from ragspec.cli import main
+
+    folder = tmp_path / "tiny"
+    build_tiny_model("llama", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    fingerprint = load_model(folder, device="cpu", dtype="float32").fingerprint
+    save_curve(private_cache / "latency" / f"{fingerprint}.json", FLAT_CURVE)  # skips profiling
+    args = ["generate", PROMPT, "--model", str(folder), "--max-new-tokens", "6", "--dtype", "float32", "--device", "cpu"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    [state] = _recycling_files(private_cache)
+    state.write_bytes(b"")
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert again.stdout == first.stdout and again.stdout.strip()
+
+
 # --- item 2: saving is safe with concurrent writers, and a failed save never fails a request ---
 
 
