@@ -80,6 +80,31 @@ def test_stop_inside_a_speculative_step_gives_plain_tokens(tiny_llama, cold):
     assert inside_a_step >= 5  # stops really ended inside multi-token steps
 
 
+@pytest.mark.slow
+def test_real_model_stop_strings_speculative_equals_plain(real_engine):
+    """Over real-model identity prompts (fp32), with stop strings from each plain answer:
+    speculative == plain == the token-by-token rule, in every field a user sees."""
+    from test_lossless import real_prompts
+
+    prompts = real_prompts()[::3]  # a third of them, across the categories (minutes on 2 CPUs)
+    if not prompts:
+        pytest.skip("spec_bench data not found under ../shared/data")
+    cold = Engine(real_engine.target, latency_curve=FLAT_CURVE, prefix_cache=False, persist_state=False)
+    inside_a_step = 0
+    for question_id, messages in prompts:
+        reference = cold.generate(messages, max_new_tokens=MAX_NEW, speculative=False)
+        real_engine.generate(messages, max_new_tokens=MAX_NEW)  # the past drafter learns the answer
+        for stop in stops_from(reference.text)[1::2]:
+            want = expected(real_engine.tokenizer, reference, [stop], MAX_NEW)
+            plain = cold.generate(messages, max_new_tokens=MAX_NEW, stop=[stop], speculative=False)
+            fast = real_engine.generate(messages, max_new_tokens=MAX_NEW, stop=[stop])
+            for out in (plain, fast):
+                assert (out.token_ids, out.text, out.finish_reason) == want, (question_id, stop)
+                assert out.stats.num_generated_tokens == len(want[0])
+            inside_a_step += fast.stats.num_accepted_tokens + fast.stats.num_steps > len(fast.token_ids)
+    assert inside_a_step >= len(prompts) // 2
+
+
 def test_stop_string_and_eos_in_one_step(tokenizer):
     """EOS before the stop string's end wins; a stop string that completes before EOS wins."""
     loaded = tiny_loaded("llama", tokenizer)  # own copy: its EOS id is changed below
