@@ -30,12 +30,15 @@ log = logging.getLogger(__name__)
 # CPU: 2 or 3 rows cost more than 4 or 8), and the budget exploits the dips.
 PROFILE_ROWS = (*range(1, 17), 20, 24, 32, 48, 64, 96, 128)
 PROFILE_CONTEXT = 256  # committed tokens in the cache while profiling
+LATENCY_EMA = 0.1  # weight of the newest step in the online latency corrections
+EXPLORE_EVERY = 32  # steps without a plain (or a tree) step before one is taken to re-measure it
 
 
 @dataclass(frozen=True)
 class LatencyCurve:
     rows: tuple[int, ...]  # verify rows (pending token + nodes), increasing
     seconds: tuple[float, ...]  # median forward latency at each row count
+    adapt: bool = True  # the budget corrects it online from measured steps; False: used as given (tests)
 
     def __call__(self, rows: int | np.ndarray) -> np.ndarray:
         return np.interp(rows, self.rows, self.seconds)
@@ -44,19 +47,28 @@ class LatencyCurve:
 class NodeBudget:
     """Picks the nodes to verify per step from the curve and the tree's scores.
 
-    Two corrections are learned online from every verified step: the latency offset (measured
-    minus predicted; it grows with the KV cache) and, per draft source, a calibration factor for
-    the scores (the source's accepted nodes over its nodes' summed scores). Per source, because a
-    fused tree tags a node with the first source that proposed it: a node only the past-responses
-    or recycling drafter proposed is likelier wrong than that drafter's average node (measured:
-    0.03-0.15 accepted where 0.2-0.5 was predicted), while context nodes were underestimated.
+    Corrections are learned online from every verified step. Latency, per kind of step: plain
+    steps (one row) by their measured seconds, tree steps by their measured / predicted ratio, so
+    that a curve profiled on a busy machine, or stale, cannot keep the budget speculating at a
+    loss: what decides is the tree step's cost relative to a plain step as measured now. A kind
+    of step unseen for EXPLORE_EVERY steps is taken once to re-measure it (a plain step costs no
+    more than plain decoding; a tree step at most one step's gain), and a plain step is taken
+    right after the first tree step so that both kinds are measured from the start.
+    Scores, per draft source: a calibration factor (the source's accepted nodes over its nodes'
+    summed scores). Per source, because a fused tree tags a node with the first source that
+    proposed it: a node only the past-responses or recycling drafter proposed is likelier wrong
+    than that drafter's average node (measured: 0.03-0.15 accepted where 0.2-0.5 was predicted),
+    while context nodes were underestimated.
     """
 
     def __init__(self, curve: LatencyCurve, max_nodes: int, min_nodes: int = 0):
         self.curve = curve
         self.max_nodes = max_nodes
         self.min_nodes = min_nodes
-        self._offset_s = 0.0  # EMA of measured minus predicted latency
+        self._plain_s: float | None = None  # EMA of measured plain-step seconds
+        self._tree_ratio: float | None = None  # EMA of measured / curve seconds of tree steps
+        self._since_plain = 0  # steps since a plain step was measured
+        self._since_tree = 0  # steps since a tree step was measured
         self._accepted: dict[str, float] = {}  # per source: EMA of accepted nodes per step
         self._predicted: dict[str, float] = {}  # per source: EMA of its nodes' summed scores per step
 
@@ -70,28 +82,51 @@ class NodeBudget:
         factors = np.array([factor_of[source] for source in tree.sources])
         return monotone_scores(np.minimum(1.0, tree.scores * factors), tree.parents)
 
-    def select(self, tree: DraftTree, limit: int | None = None) -> DraftTree:
+    def select(self, tree: DraftTree, limit: int | None = None, explore: bool = False) -> DraftTree:
         """The best nodes worth verifying, by calibrated score (the tree keeps its raw scores)."""
         scores = self.calibrated_scores(tree)
-        return prune(tree, self.choose(tree, limit, scores), scores)
+        return prune(tree, self.choose(tree, limit, scores, explore), scores)
 
-    def choose(self, tree: DraftTree, limit: int | None = None, scores: np.ndarray | None = None) -> int:
-        """How many of the best nodes to verify; `scores` default to the calibrated ones."""
+    def choose(self, tree: DraftTree, limit: int | None = None, scores: np.ndarray | None = None,
+               explore: bool = False) -> int:
+        """How many of the best nodes to verify; `scores` default to the calibrated ones. With
+        `explore` (the decoding loop), a kind of step unseen for EXPLORE_EVERY steps is taken."""
         cap = min(tree.num_nodes, self.max_nodes, tree.num_nodes if limit is None else limit)
         if cap <= 0:
             return 0
         scores = self.calibrated_scores(tree) if scores is None else scores
         best_scores = np.sort(scores)[::-1][:cap]
         expected_tokens = 1.0 + np.concatenate([[0.0], np.cumsum(best_scores)])  # [cap + 1]
-        seconds = self.curve(np.arange(1, cap + 2)) + self._offset_s
-        throughput = expected_tokens / np.maximum(seconds, 1e-6)
+        throughput = expected_tokens / np.maximum(self.predicted_seconds(cap), 1e-6)
         throughput[: self.min_nodes] = -1.0
-        return int(np.argmax(throughput))
+        best = int(np.argmax(throughput))
+        if not explore or not self.curve.adapt:
+            return best
+        plain_unknown = self._plain_s is None and self._tree_ratio is not None  # trees measured, plain never
+        if best > 0 and self.min_nodes == 0 and (plain_unknown or self._since_plain >= EXPLORE_EVERY):
+            return 0  # measure a plain step
+        if best == 0 and self._since_tree >= EXPLORE_EVERY:
+            return 1 + int(np.argmax(throughput[1:]))  # re-measure a tree step
+        return best
+
+    def predicted_seconds(self, max_nodes: int) -> np.ndarray:
+        """Seconds of a step verifying 0..max_nodes nodes, as corrected by what was measured.
+        Before any step of a kind was measured, it takes the other kind's correction. [max_nodes + 1]"""
+        if not self.curve.adapt:
+            return self.curve(np.arange(1, max_nodes + 2))
+        plain_curve = float(self.curve(1))
+        ratio = self._tree_ratio
+        if ratio is None:
+            ratio = 1.0 if self._plain_s is None else self._plain_s / plain_curve
+        seconds = self.curve(np.arange(1, max_nodes + 2)) * ratio
+        if self._plain_s is not None:
+            seconds[0] = self._plain_s
+        return seconds
 
     def observe(self, tree: DraftTree, accepted_nodes: list[int], seconds: float) -> None:
         """Learn from one verify: `tree` as verified (raw scores), the nodes the target accepted."""
-        error = seconds - float(self.curve(1 + tree.num_nodes))
-        self._offset_s += 0.1 * (error - self._offset_s)
+        if self.curve.adapt:
+            self._observe_latency(tree.num_nodes, seconds)
         sources = np.asarray(tree.sources)
         accepted = np.zeros(tree.num_nodes, dtype=bool)
         accepted[list(accepted_nodes)] = True
@@ -101,6 +136,19 @@ class NodeBudget:
             self._predicted[source] = predicted + 0.05 * (float(tree.scores[mine].sum()) - predicted)
             hits = self._accepted.get(source, 1.0)
             self._accepted[source] = hits + 0.05 * (float(accepted[mine].sum()) - hits)
+
+    def _observe_latency(self, nodes: int, seconds: float) -> None:
+        if nodes == 0:
+            self._plain_s = _ema(self._plain_s, seconds, LATENCY_EMA)
+            self._since_plain, self._since_tree = 0, self._since_tree + 1
+        else:
+            ratio = seconds / max(float(self.curve(1 + nodes)), 1e-9)
+            self._tree_ratio = _ema(self._tree_ratio, ratio, LATENCY_EMA)
+            self._since_plain, self._since_tree = self._since_plain + 1, 0
+
+
+def _ema(average: float | None, value: float, weight: float) -> float:
+    return value if average is None else average + weight * (value - average)
 
 
 def load_or_measure_curve(target: LoadedModel, rows: tuple[int, ...] = PROFILE_ROWS) -> LatencyCurve:

@@ -33,7 +33,7 @@ def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_len
         return DraftTree.empty(), time.perf_counter() - start
     context = DraftContext(tokens=tokens.view(), max_nodes=min(budget.max_nodes, room))
     tree = fuse([_timed_propose(drafter, context, stats) for drafter in drafters])
-    tree = budget.select(tree, limit=room)
+    tree = budget.select(tree, limit=room, explore=True)
     return tree, time.perf_counter() - start
 
 
