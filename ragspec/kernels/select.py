@@ -3,7 +3,7 @@
 Each fast path (prepacked linears, matmul attention) replaces a plain one that always works
 (nn.Linear, SDPA). A fast path that fails its probe (`ragspec.kernels.probe`) is not used. Where
 both run, a few verify forwards of the loaded model (1, 4 and 16 rows over a 256-token cache,
-the variants interleaved per round, median per row count) decide: on an AVX2-only CPU the packed
+the variants interleaved per round, the fastest per row count) decide: on an AVX2-only CPU the packed
 linears or the matmul attention can lose to the plain ops they were written to beat. Timings are
 cached per model, device and dtype in cache_dir()/kernels/, with the machine they were taken on.
 """
@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -35,14 +34,14 @@ TIMING_ROWS = (1, 4, 16)  # a decode step, small and larger tree verifies
 TIMING_CONTEXT = 256  # cached tokens while timing
 MIN_ROUNDS, MAX_ROUNDS = 2, 5  # measured rounds, after one warm-up round
 TIMING_BUDGET_S = 3.0  # no round after MIN_ROUNDS starts once timing has taken this long
-_CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: fastest instead of median forward
 
 
 @dataclass
 class KernelChoice:
     chosen: str  # PACKED / PLAIN_LINEAR, or MATMUL / SDPA
     reason: str  # why: the failed probe, the timings, or "not a CPU"
-    timings_ms: dict[str, list[float]] = field(default_factory=dict)  # candidate: median ms per forward at TIMING_ROWS
+    timings_ms: dict[str, list[float]] = field(default_factory=dict)  # candidate: fastest ms per forward at TIMING_ROWS
 
 
 @dataclass
@@ -143,16 +142,19 @@ def _attention(model, name: str) -> Iterator[None]:
 
 @torch.inference_mode()
 def _time_variants(target, variants: dict[str, Variant]) -> dict[str, list[float]]:
-    """Median ms per TIMING_ROWS row count for each variant, variants interleaved in each round;
-    MIN_ROUNDS to MAX_ROUNDS rounds after a warm-up one, fewer once TIMING_BUDGET_S has passed."""
+    """The fastest ms per TIMING_ROWS row count for each variant over MIN_ROUNDS to MAX_ROUNDS
+    rounds after a warm-up one (fewer once TIMING_BUDGET_S has passed). Variants are interleaved,
+    in a rotating order, within each round; the minimum, because a busy machine only ever adds
+    time (a median of a few rounds there still picks whichever variant was unlucky less often)."""
     verifier, trees, pending = _timing_verifier(target)
     times = {name: [[] for _ in TIMING_ROWS] for name in variants}
+    names = list(variants)
     start_all = time.perf_counter()
     for round_number in range(MAX_ROUNDS + 1):  # round 0 warms up
         if round_number > MIN_ROUNDS and time.perf_counter() - start_all > TIMING_BUDGET_S:
             break
-        for name, variant in variants.items():
-            with variant():
+        for name in names[round_number % len(names):] + names[: round_number % len(names)]:
+            with variants[name]():
                 for tree, row_times in zip(trees, times[name]):
                     start = time.perf_counter()
                     verifier.verify(pending, tree)
@@ -160,7 +162,7 @@ def _time_variants(target, variants: dict[str, Variant]) -> dict[str, list[float
                     verifier.discard()
                     if round_number:
                         row_times.append(1000 * elapsed)
-    return {name: [statistics.median(t) for t in per_rows] for name, per_rows in times.items()}
+    return {name: [min(t) for t in per_rows] for name, per_rows in times.items()}
 
 
 def _timing_verifier(target):
@@ -196,7 +198,7 @@ def _cached_timings(path: Path | None, kinds: list[str]) -> dict | None:
     try:
         data = json.loads(path.read_text())
         timings = data["timings_ms"]
-        usable = data["version"] == _CACHE_VERSION and data["machine"] == machine_key()
+        usable = data["version"] == CACHE_VERSION and data["machine"] == machine_key()
         if usable and all(_well_formed(timings[kind]) for kind in kinds):
             return timings
     except (OSError, ValueError, KeyError, TypeError):
@@ -216,7 +218,7 @@ def _write_cache(path: Path | None, timings: dict) -> None:
     leave a torn file (the last one wins). A failed write only costs a re-timing later."""
     if path is None:
         return
-    data = {"version": _CACHE_VERSION, "machine": machine_key(), "timings_ms": timings}
+    data = {"version": CACHE_VERSION, "machine": machine_key(), "timings_ms": timings}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
