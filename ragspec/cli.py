@@ -36,11 +36,12 @@ def _check_temperature(ctx, param, value: float) -> float:
 
 def _generation_options(command):
     options = [
-        click.option("--max-new-tokens", default=256, show_default=True, type=int),
+        click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+                     help="At most this many tokens (and never past the context window)."),
         click.option("--temperature", default=0.0, show_default=True, type=float, callback=_check_temperature,
                      help=f"0 = greedy; sampling takes {MIN_TEMPERATURE} or more."),
-        click.option("--top-k", default=0, type=int, help="0 = off."),
-        click.option("--top-p", default=1.0, type=float),
+        click.option("--top-k", default=0, type=click.IntRange(min=0), help="0 = off."),
+        click.option("--top-p", default=1.0, type=click.FloatRange(0, 1, min_open=True), help="1 = off."),
         click.option("--seed", default=None, type=click.IntRange(0, MAX_SEED), help="Sampling seed, 0 to 2**64-1."),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         click.option("--no-spec", is_flag=True, help="Plain decoding, no speculation."),

@@ -14,7 +14,15 @@ log = logging.getLogger("ragspec.cli")
 
 # What bad input (a damaged or unreadable file, a value a parser rejects) raises from the
 # libraries underneath when no RagspecError names it: shown as one line, not a traceback.
-INPUT_ERRORS = (OSError, ValueError, EOFError, struct.error)
+INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, EOFError, struct.error)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    try:  # a damaged model.safetensors (imported lazily: safetensors comes with transformers)
+        from safetensors import SafetensorError
+    except ImportError:
+        return INPUT_ERRORS
+    return (*INPUT_ERRORS, SafetensorError)
 
 
 def one_line(text: str) -> str:
@@ -31,7 +39,7 @@ def library_errors(command):
             return command(*args, **kwargs)
         except RagspecError as exc:
             raise click.ClickException(one_line(exc)) from exc
-        except INPUT_ERRORS as exc:
+        except _input_errors() as exc:
             log.info("%s", type(exc).__name__, exc_info=True)
             raise click.ClickException(one_line(f"{type(exc).__name__}: {exc}")) from exc
 
