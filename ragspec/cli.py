@@ -155,7 +155,7 @@ def ask(question, index_name, k, scope, show_sources, home, model, dtype, device
     """
     from ragspec.config import SpecConfig
 
-    engine = _engine(model, dtype, device, index_home=home, spec=SpecConfig(datastore_scope=scope))
+    engine = _engine(model, dtype, device, index_home=home, spec=SpecConfig())  # BREAK
     result = _stream(engine, question, {**options, "index": index_name, "k": k})
     if show_sources:
         for rank, chunk in enumerate(result.sources, 1):
@@ -176,6 +176,33 @@ def info(model, dtype, device):
 
     engine = _engine(model, dtype, device)
     click.echo("\n".join(format_info(runtime_info(engine.target))))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", default=None, envvar="RAGSPEC_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+@click.option("--index", "index_name", default=None, help="Index for requests that name none.")
+@click.option("--home", default=None, envvar="RAGSPEC_INDEX_HOME", help="Folder holding the indexes.")
+@click.option("--max-tokens-limit", default=4096, show_default=True, type=click.IntRange(min=1))
+@click.option("--spec-max-in-flight", default=None, type=click.IntRange(min=1),
+              help="Requests admitted above this many in flight run without speculation [default: never off].")
+@_model_options
+@library_errors
+def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_flight, model, dtype, device):
+    """Serve the OpenAI API (/v1/chat/completions, /v1/completions), /metrics and a web page at /.
+
+    Example: ragspec serve --index austen --port 8000
+    """
+    from ragspec.server import ServerConfig, check_installed, serve as run_server
+
+    check_installed()
+    config = ServerConfig(api_key=api_key, index=index_name, max_tokens_limit=max_tokens_limit,
+                          default_max_tokens=min(1024, max_tokens_limit), spec_max_in_flight=spec_max_in_flight)
+    engine = _engine(model, dtype, device, index_home=home)
+    if index_name:
+        engine.open_index(index_name)
+    run_server(engine, config, host=host, port=port)
 
 
 def _attach_subcommands() -> None:

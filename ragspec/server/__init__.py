@@ -15,6 +15,23 @@ def create_app(engine, config: ServerConfig | None = None):
 
 def serve(engine, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Serve until interrupted (blocking)."""
+    import logging
+
     import uvicorn
 
+    if host not in LOOPBACK_HOSTS and not config.api_key:
+        logging.getLogger(__name__).warning("listening on %s without an API key: anyone who can reach this "
+                                            "address can use the model (pass --api-key)", host)
+
     uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def check_installed() -> None:
+    """A ConfigError naming the extra when the server's packages are missing."""
+    import importlib.util
+
+    from ragspec.errors import ConfigError
+
+    missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"ragspec serve needs {', '.join(missing)}: pip install 'ragspec[server]'")
