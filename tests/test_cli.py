@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, FLAT_CURVE
 from ragspec.cli import main
 
 pytestmark = pytest.mark.slow  # each command loads the embedded model
@@ -87,10 +87,34 @@ def test_ask_shows_sources(home):
     assert "mean acceptance length" in result.stderr
 
 
-def test_ask_whole_index_scope(home):
-    result = run("ask", "Who rents Netherfield Park?", "--index", "austen", "--home", str(home), "-k", "2",
-                 "--scope", "index", *TINY)
-    assert result.exit_code == 0, result.output
+def test_ask_scope_reaches_the_datastore_drafter(home, monkeypatch):
+    """--scope index gives the request's datastore drafter the whole index (no allowed ranges);
+    --scope retrieved, the retrieved chunks' token ranges. Each drafter is asked for drafts."""
+    from ragspec.drafting import datastore
+    from ragspec.engine.rag import build_rag_prompt
+    from ragspec.index import open_index
+
+    seen: list[list] = []  # [allowed ranges, propose calls] per drafter made
+
+    class Recording(datastore.DatastoreDrafter):
+        def __init__(self, store, allowed_ranges=None, *args, **kwargs):
+            super().__init__(store, allowed_ranges, *args, **kwargs)
+            seen.append([allowed_ranges, 0])
+
+        def propose(self, context):
+            seen[-1][1] += 1
+            return super().propose(context)
+
+    monkeypatch.setattr(datastore, "DatastoreDrafter", Recording)
+    # the curve a busy machine measures can turn speculation off; a flat one keeps it on
+    monkeypatch.setattr("ragspec.engine.engine.load_or_measure_curve", lambda target: FLAT_CURVE)
+    question = "Who rents Netherfield Park?"
+    ranges = build_rag_prompt(open_index("austen", home), question, 2).token_ranges
+    for scope in ("index", "retrieved"):
+        result = run("ask", question, "--index", "austen", "--home", str(home), "-k", "2", "--scope", scope, *TINY)
+        assert result.exit_code == 0, result.output
+    assert [allowed for allowed, _ in seen] == [None, ranges]
+    assert all(calls > 0 for _, calls in seen)
 
 
 def test_ask_missing_index_is_a_one_line_error(home):
