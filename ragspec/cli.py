@@ -155,7 +155,7 @@ def ask(question, index_name, k, scope, show_sources, home, model, dtype, device
     """
     from ragspec.config import SpecConfig
 
-    engine = _engine(model, dtype, device, index_home=home, spec=SpecConfig())  # BREAK
+    engine = _engine(model, dtype, device, index_home=home, spec=SpecConfig(datastore_scope=scope))
     result = _stream(engine, question, {**options, "index": index_name, "k": k})
     if show_sources:
         for rank, chunk in enumerate(result.sources, 1):
