@@ -198,7 +198,7 @@ def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_f
 
     check_installed()
     config = ServerConfig(api_key=api_key, index=index_name, max_tokens_limit=max_tokens_limit,
-                          default_max_tokens=min(1024, max_tokens_limit), spec_max_in_flight=spec_max_in_flight)
+                          spec_max_in_flight=spec_max_in_flight)
     engine = _engine(model, dtype, device, index_home=home)
     if index_name:
         engine.open_index(index_name)

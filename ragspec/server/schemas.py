@@ -65,7 +65,7 @@ class _Sampling(BaseModel):
         if asked is not None and asked > config.max_tokens_limit:
             raise APIError(400, f"max_tokens is {asked}, over this server's limit of {config.max_tokens_limit}",
                            param="max_tokens")
-        return asked or config.default_max_tokens
+        return asked or config.max_tokens_default
 
     def _asked_max_tokens(self) -> int | None:
         return self.max_tokens
