@@ -14,15 +14,15 @@ from ragspec.drafting.budget import LatencyCurve, NodeBudget, load_or_measure_cu
 from ragspec.drafting.context_suffix import ContextSuffixDrafter
 from ragspec.drafting.continuations import new_match_estimate
 from ragspec.engine.loop import decode_steps
-from ragspec.engine.rag import RagPrompt, build_rag_prompt
-from ragspec.engine.text import TextAssembler, stop_strings
+from ragspec.engine.rag import RagPrompt, build_documents_prompt, build_rag_prompt
+from ragspec.engine.request import GenerationRequest, Piece, Prompt
+from ragspec.engine.text import TextAssembler
 from ragspec.errors import ConfigError, PromptTooLong
 from ragspec.models import LoadedModel, cache_dir, load_model
 from ragspec.types import SpecStats
 from ragspec.verify import KVPrefix, TreeVerifier
 from ragspec.verify.prefix_pool import DEFAULT_ENTRIES, PrefixPool
 
-Prompt = str | Sequence[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
 DrafterFactory = Callable[["Engine"], list[Drafter]]  # called once per request
 
 
@@ -60,7 +60,8 @@ class _Request:
 
 
 class TextStream:
-    """Iterate for text pieces; `result` holds the whole Generation once the request ends.
+    """Iterate for text pieces, or call `pieces()` for Pieces (text, token ids, the drafter of
+    each token); `result` holds the whole Generation once the request ends.
 
     Every piece is a continuation of the pieces before it, and together they are `result.text`.
     Ending early is safe: `close()`, leaving a `with` block, or dropping the stream ends the
@@ -68,7 +69,7 @@ class TextStream:
     generated) with finish_reason "cancelled".
     """
 
-    def __init__(self, run: Callable[[_Outcome], Iterator[str]], prompt_tokens: int = 0):
+    def __init__(self, run: Callable[[_Outcome], Iterator[Piece]], prompt_tokens: int = 0):
         self._outcome = _Outcome()
         self._pieces = run(self._outcome)
         self._prompt_tokens = prompt_tokens
@@ -77,11 +78,19 @@ class TextStream:
     def result(self) -> Generation | None:
         return self._outcome.result
 
-    def __iter__(self) -> Iterator[str]:
+    def pieces(self) -> Iterator[Piece]:
+        """The request's Pieces, one per decoding step that committed tokens (plus one for text
+        held back to the end). Shares its position with iterating the stream for text."""
         return self._pieces
 
+    def __iter__(self) -> Iterator[str]:
+        return self
+
     def __next__(self) -> str:
-        return next(self._pieces)
+        while True:
+            piece = next(self._pieces)
+            if piece.text:
+                return piece.text
 
     def close(self) -> None:
         """End the request now (nothing happens to a finished one)."""
@@ -201,45 +210,40 @@ class Engine:
         request only (a concurrent one needing it starts cold)."""
         return self._prefixes.take(prompt_ids) if self.prefix_cache else None
 
-    def generate(self, prompt: Prompt, **options) -> Generation:
+    def generate(self, request: GenerationRequest | Prompt, **options) -> Generation:
         """Options: those of `stream`."""
-        stream = self.stream(prompt, **options)
+        stream = self.stream(request, **options)
         for _ in stream:
             pass
         assert stream.result is not None
         return stream.result
 
-    def stream(
-        self,
-        prompt: Prompt,
-        *,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        speculative: bool | None = None,
-        index=None,
-        k: int = 5,
-        rag_template: str | None = None,
-    ) -> TextStream:
-        """With `index` (a name, path or Index), the k best chunks for the question go into the
-        prompt through `rag_template` ({context}, {question}) and feed the datastore drafter.
+    def stream(self, request: GenerationRequest | Prompt, **options) -> TextStream:
+        """`request`: a GenerationRequest (options replace its fields), or a prompt and the
+        GenerationRequest fields as options (max_new_tokens, temperature, top_k, top_p, seed,
+        stop, speculative, index, k, rag_template, documents).
+
+        With `index` (a name, path or Index), the k best chunks for the question go into the
+        prompt through `rag_template` ({context}, {question}) and feed the datastore drafter;
+        `documents` (texts retrieved elsewhere) do the same through a datastore of their own.
         `stop`: one stop string, or several; generation ends where the first one appears."""
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        stops = stop_strings(stop)
+        asked = GenerationRequest.of(request, **options)
         with self._lock:
-            index = self.open_index(index) if index is not None else None
-            rag = build_rag_prompt(index, prompt, k, rag_template) if index is not None else None
-            prompt_ids = self.encode(rag.messages if rag else prompt)
+            index = self.open_index(asked.index) if asked.index is not None else None
+            rag = self._rag_prompt(asked, index)
+            prompt_ids = self.encode(rag.messages if rag else asked.prompt)
             self._check_fits(prompt_ids)
-            use_spec = self.spec.enabled if speculative is None else speculative
+            use_spec = self.spec.enabled if asked.speculative is None else asked.speculative
             drafters = self._request_drafters(index, rag) if use_spec else []
-        request = _Request(prompt_ids, sampling, max_new_tokens, stops, drafters, rag)
-        return TextStream(lambda outcome: self._run(request, outcome), prompt_tokens=len(prompt_ids))
+        run = _Request(prompt_ids, asked.sampling, asked.max_new_tokens, list(asked.stop), drafters, rag)
+        return TextStream(lambda outcome: self._run(run, outcome), prompt_tokens=len(prompt_ids))
+
+    def _rag_prompt(self, asked: GenerationRequest, index) -> RagPrompt | None:
+        if index is not None:
+            return build_rag_prompt(index, asked.prompt, asked.k, asked.rag_template)
+        if asked.documents is not None:
+            return build_documents_prompt(self.tokenizer, asked.documents, asked.prompt, asked.rag_template)
+        return None
 
     def _check_fits(self, prompt_ids: list[int]) -> None:
         limit = self.target.context_length
@@ -265,9 +269,12 @@ class Engine:
         if "datastore" in names and rag is not None:
             from ragspec.drafting.datastore import DatastoreDrafter
 
-            scope = rag.token_ranges if self.spec.datastore_scope == "retrieved" else None
             estimate = self._shared_item("datastore-estimate", new_match_estimate)
-            drafters.append(DatastoreDrafter(index.datastore, scope, self.spec, estimate))
+            if rag.datastore is not None:  # documents given with the request: all of them
+                drafters.append(DatastoreDrafter(rag.datastore, None, self.spec, estimate))
+            else:
+                scope = rag.token_ranges if self.spec.datastore_scope == "retrieved" else None
+                drafters.append(DatastoreDrafter(index.datastore, scope, self.spec, estimate))
         return drafters
 
     def _shared_item(self, key: str, make: Callable[[], object]):
@@ -296,7 +303,7 @@ class Engine:
         state = cache_dir() / "recycling" / f"{target.name}-{target.identity}-{target.tokenizer_fingerprint}.npy"
         return TokenRecyclingDrafter(int(self.target.model.config.vocab_size), state if self.persist_state else None)
 
-    def _run(self, request: _Request, outcome: _Outcome) -> Iterator[str]:
+    def _run(self, request: _Request, outcome: _Outcome) -> Iterator[Piece]:
         """The request's pieces. However it ends (finished, closed, dropped, an exception), the
         `finally` ends the request and leaves its Generation in `outcome`."""
         stats, text = SpecStats(), TextAssembler(self.tokenizer, request.stop)
@@ -311,12 +318,12 @@ class Engine:
             while reason is None:
                 with self._lock:
                     piece, reason = self._step(steps, request, text, stats, start)
-                if piece:
+                if piece.text or piece.token_ids:
                     yield piece
             tail = text.finish()
             reason = "stop" if text.stopped else reason
             if tail:
-                yield tail
+                yield Piece(tail, [], [])
         except GeneratorExit:  # closed or dropped by the consumer
             reason = reason or "cancelled"
             raise
@@ -330,17 +337,22 @@ class Engine:
                 outcome.result = self._end_request(request, verifier, text, stats, reason or "error", start)
 
     def _step(self, steps, request: _Request, text: TextAssembler, stats: SpecStats, start: float):
-        """Run one decoding step; its newly shown text, and the finish reason once there is one.
+        """Run one decoding step; its Piece (tokens taken, their sources, newly shown text), and
+        the finish reason once there is one.
         Tokens are taken one at a time, as plain decoding takes them: up to max_new_tokens, up to
         EOS (excluded), up to the token that completes a stop string (included)."""
-        new_tokens = next(steps, None)
-        if new_tokens is None:  # the context window is full
-            return "", "length"
+        step = next(steps, None)
+        if step is None:  # the context window is full
+            return Piece("", [], []), "length"
         if not stats.time_to_first_token_s:
             stats.time_to_first_token_s = time.perf_counter() - start
+        new_tokens, sources = step
         keep = new_tokens[: request.max_new_tokens - len(text.token_ids)]
         hit_eos = next((i for i, t in enumerate(keep) if t in self.target.eos_token_ids), None)
-        piece = text.push(keep if hit_eos is None else keep[:hit_eos])
+        before = len(text.token_ids)
+        shown = text.push(keep if hit_eos is None else keep[:hit_eos])
+        taken = text.token_ids[before:]
+        piece = Piece(shown, list(taken), list(sources[: len(taken)]))
         if text.stopped:
             return piece, "stop"
         if hit_eos is not None:

@@ -13,6 +13,7 @@ from ragspec.drafting.base import DraftContext, Drafter
 from ragspec.drafting.budget import NodeBudget
 from ragspec.drafting.suffix_index import TokenBuffer
 from ragspec.drafting.tree import fuse
+from ragspec.engine.request import TARGET_SOURCE
 from ragspec.sampling import accept_greedy, accept_sampled
 from ragspec.types import DraftTree, SpecStats, StepResult
 from ragspec.verify import TreeVerifier
@@ -45,8 +46,9 @@ def decode_steps(
     budget: NodeBudget | None,
     sampling: SamplingConfig,
     stats: SpecStats,
-) -> Iterator[list[int]]:
-    """Yield the tokens each step commits (accepted drafts, then the bonus token), forever.
+) -> Iterator[tuple[list[int], list[str]]]:
+    """Yield the tokens each step commits (accepted drafts, then the bonus token), forever, with
+    the source of each: the drafter that proposed it, or "target" for the bonus token.
 
     The caller stops iterating at EOS, a stop string, or its token limit; the loop itself ends
     only when the context window is full. With no drafters or no budget it is plain decoding.
@@ -86,4 +88,4 @@ def decode_steps(
         for drafter in drafters:
             drafter.observe(step)
         stats.record(step)
-        yield new_tokens
+        yield new_tokens, [*(tree.sources[node] for node in accept.accepted_nodes), TARGET_SOURCE]

@@ -18,8 +18,9 @@ DEFAULT_RAG_TEMPLATE = (
 @dataclass(frozen=True)
 class RagPrompt:
     messages: list[dict]  # chat messages with the context filled in
-    chunks: list  # [k] RetrievedChunk, best first
-    token_ranges: list[tuple[int, int]]  # [k] datastore token ranges of the chunks, [start, end)
+    chunks: list  # [k] RetrievedChunk, best first (none for documents given with the request)
+    token_ranges: list[tuple[int, int]] | None  # [k] datastore token ranges of the chunks, [start, end)
+    datastore: object = None  # the request's own TokenDatastore (documents given with the request)
 
 
 def build_rag_prompt(index, prompt: str | Sequence[dict], k: int, template: str | None = None) -> RagPrompt:
@@ -27,15 +28,52 @@ def build_rag_prompt(index, prompt: str | Sequence[dict], k: int, template: str 
     template's {context} and {question}."""
     template = template or DEFAULT_RAG_TEMPLATE
     _check_request(template, k)
+    messages, question = _question(prompt)
+    chunks = index.search(question, k=k)
+    _fill(messages, [chunk.text for chunk in chunks], question, template)
+    return RagPrompt(messages, chunks, [(c.token_start, c.token_end) for c in chunks])
+
+
+def build_documents_prompt(tokenizer, documents: Sequence[str], prompt: str | Sequence[dict],
+                           template: str | None = None) -> RagPrompt:
+    """The documents (retrieved elsewhere) fill the template as an index's chunks would, and
+    their tokens make a datastore of their own, the drafting scope of this request."""
+    template = template or DEFAULT_RAG_TEMPLATE
+    _check_request(template, 0)
+    messages, question = _question(prompt)
+    _fill(messages, list(documents), question, template)
+    return RagPrompt(messages, [], None, documents_datastore(tokenizer, documents))
+
+
+def documents_datastore(tokenizer, documents: Sequence[str]):
+    """An in-memory TokenDatastore over the documents' tokens, SEPARATOR between documents."""
+    import numpy as np
+
+    from ragspec.index.datastore import SEPARATOR, TokenDatastore, build_suffix_array
+
+    pieces: list[int] = []
+    for text in documents:
+        ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+        if ids:
+            pieces.extend([*ids, SEPARATOR])
+    tokens = np.asarray(pieces, dtype=np.int32)
+    return TokenDatastore(tokens, build_suffix_array(tokens))
+
+
+def _question(prompt: str | Sequence[dict]) -> tuple[list[dict], str]:
+    """The request's messages (copied) and its question: the prompt, or the last user message."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     if not users:
         raise ConfigError("a RAG request needs a user message to retrieve for: pass a string or add a user turn")
-    question = messages[users[-1]]["content"]
-    chunks = index.search(question, k=k)
-    context = "\n\n".join(f"[{i + 1}] {chunk.text}" for i, chunk in enumerate(chunks))
-    messages[users[-1]]["content"] = template.format(context=context, question=question)
-    return RagPrompt(messages, chunks, [(c.token_start, c.token_end) for c in chunks])
+    return messages, messages[users[-1]]["content"]
+
+
+def _fill(messages: list[dict], texts: list[str], question: str, template: str) -> None:
+    """Put the numbered texts and the question into the last user message."""
+    last_user = max(i for i, m in enumerate(messages) if m.get("role") == "user")
+    context = "\n\n".join(f"[{i + 1}] {text}" for i, text in enumerate(texts))
+    messages[last_user]["content"] = template.format(context=context, question=question)
 
 
 def _check_request(template: str, k: int) -> None:
