@@ -183,11 +183,15 @@ def load_model(
     *,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
-    kernels: str = "auto",
+    kernels: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM: None for the embedded default, an HF directory, or a .gguf file.
-    On CPUs, `kernels` "auto" probes ragspec's kernels and times them against the plain ops on
-    this model once (cached), "fast" uses them wherever they run, "plain" never."""
+    On CPUs, `kernels` (default $RAGSPEC_KERNELS, else "auto") "auto" probes ragspec's kernels
+    and times them against the plain ops on this model once (cached), "fast" uses them wherever
+    they run, "plain" never."""
+    from ragspec.kernels.select import check_mode, choose_kernels  # lazily, with the model
+
+    kernels = check_mode(kernels or os.environ.get("RAGSPEC_KERNELS") or "auto")
     target_device = pick_device(device)
     target_dtype = pick_dtype(target_device, dtype)
     if path is None or str(path) == EMBEDDED_MODEL:
@@ -205,8 +209,6 @@ def load_model(
     model, tokenizer = _load_hf_dir(model_dir, target_dtype, "sdpa")
     model = model.to(target_device).eval()
     loaded = LoadedModel(model=model, tokenizer=tokenizer, name=name, source_identity=files_identity(model_dir))
-    from ragspec.kernels.select import choose_kernels  # lazily: it runs the verifier, which imports this module
-
     loaded.kernels = choose_kernels(loaded, cache_dir() / "kernels" / f"{loaded.model_fingerprint}.json", kernels)
     return loaded
 
@@ -223,11 +225,14 @@ def attention_for(device: torch.device) -> str:
 
 
 def _load_hf_dir(model_dir: Path, dtype: torch.dtype, attention: str):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
+    except SafetensorError as exc:
+        raise ModelNotFound(f"damaged weights file in {model_dir}: {exc}") from exc
     except (ValueError, KeyError) as exc:
         raise UnsupportedModel(f"cannot load {model_dir} as a causal LM: {exc}") from exc
     except OSError as exc:

@@ -249,3 +249,24 @@ def test_info_shows_the_kernels_and_the_cached_curve(real_engine):
     assert f"kernel attention: {plan.attention.chosen} (" in shown.stdout
     assert f"1: {curve.seconds[0] * 1000:.1f}" in shown.stdout  # the same cached curve, read back
     assert shown.stdout.splitlines()[1:5] == format_info(info)[1:5]  # device, torch, flags, capability
+
+
+def test_an_unknown_kernel_mode_is_a_config_error_before_loading(monkeypatch):
+    from ragspec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown kernel mode 'fastest'"):
+        load_model("/nonexistent", kernels="fastest")  # the mode is refused before the path
+    monkeypatch.setenv("RAGSPEC_KERNELS", "quick")
+    with pytest.raises(ConfigError, match="RAGSPEC_KERNELS"):
+        load_model("/nonexistent")
+
+
+def test_kernels_env_var_sets_the_default_mode(tokenizer, tmp_path, monkeypatch):
+    """RAGSPEC_KERNELS=plain loads with nn.Linear and SDPA (a saved tiny model, loaded for real)."""
+    model = build_tiny_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    monkeypatch.setenv("RAGSPEC_KERNELS", "plain")
+    loaded = load_model(tmp_path, device="cpu", dtype="float32")
+    assert not has_packed(loaded.model) and loaded.model.config._attn_implementation == select.SDPA
+    assert "kernel mode plain" in loaded.kernels.linear.reason

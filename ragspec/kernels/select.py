@@ -67,8 +67,7 @@ def choose_kernels(target, cache_path: Path | None = None, mode: str = "auto") -
     from ragspec.kernels.attention import register
     from ragspec.kernels.linear import pack_linears, packing_problem
 
-    if mode not in MODES:
-        raise ConfigError(f"unknown kernel mode {mode!r}: use one of {', '.join(MODES)}")
+    check_mode(mode)
     model, dtype = target.model, target.dtype
     if target.device.type != "cpu":
         why = f"{target.device.type} device: ragspec's CPU kernels are not used"
@@ -93,6 +92,13 @@ def choose_kernels(target, cache_path: Path | None = None, mode: str = "auto") -
     log.info("kernels for %s: linear %s (%s); attention %s (%s)", target.name, plan.linear.chosen,
              plan.linear.reason, plan.attention.chosen, plan.attention.reason)
     return plan
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"unknown kernel mode {mode!r} (load_model's kernels, or RAGSPEC_KERNELS): "
+                          f"use one of {', '.join(MODES)}")
+    return mode
 
 
 def _decide(problem: str | None, timings: dict[str, list[float]] | None, fast: str, plain: str) -> KernelChoice:
