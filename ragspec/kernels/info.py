@@ -7,11 +7,15 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ragspec.kernels import probe
 from ragspec.kernels.select import KernelPlan
+
+if TYPE_CHECKING:
+    from ragspec.drafting.budget import LatencyCurve
 
 
 @dataclass
@@ -29,7 +33,7 @@ class RuntimeInfo:
     torch_build: str  # BLAS/oneDNN/CUDA of this torch build
     threads: int
     kernels: KernelPlan | None  # None when the model was not loaded through load_model
-    latency_curve: object | None  # the cached LatencyCurve for `fingerprint`, if measured
+    latency_curve: LatencyCurve | None  # the cached curve for `fingerprint`, if measured
     latency_curve_path: str
 
 
