@@ -8,6 +8,7 @@ import sys
 import click
 
 from ragspec.cli_support import library_errors
+from ragspec.config import MAX_SEED, MIN_TEMPERATURE
 
 
 def _model_options(command):
@@ -19,12 +20,6 @@ def _model_options(command):
     for option in reversed(options):
         command = option(command)
     return command
-
-
-MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
-# Below this, logits / temperature overflows float32 for ordinary logits (1e-45 gives inf and a
-# crash in sampling); such a temperature means "always the top token": use 0 (greedy) for that.
-MIN_TEMPERATURE = 1e-3
 
 
 def _check_temperature(ctx, param, value: float) -> float:

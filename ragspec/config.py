@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from ragspec.errors import ConfigError
 
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+# Below this, logits / temperature overflows float32 for ordinary logits (1e-45 gives inf and a
+# crash in sampling); such a temperature means "always the top token": 0 (greedy) says that.
+MIN_TEMPERATURE = 1e-3
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -20,6 +25,11 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(f"temperature {self.temperature} is too close to 0 to sample with: use 0 for "
+                              f"greedy decoding, or {MIN_TEMPERATURE} or more")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be in 0..2**64-1, got {self.seed}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

@@ -73,6 +73,10 @@ def test_request_options_are_checked(tiny_llama):
         engine.generate("hello", top_p=0.0)
     with pytest.raises(ConfigError, match="empty"):
         engine.generate("", max_new_tokens=2)
+    with pytest.raises(ConfigError, match="too close to 0"):
+        engine.generate("hello", temperature=1e-45, max_new_tokens=2)
+    with pytest.raises(ConfigError, match="seed"):
+        engine.generate("hello", temperature=0.7, seed=10**30, max_new_tokens=2)
 
 
 @pytest.mark.parametrize(
@@ -85,6 +89,9 @@ def test_request_options_are_checked(tiny_llama):
         dict(top_p=-0.5),
         dict(temperature=math.nan),
         dict(top_p=math.nan),
+        dict(temperature=1e-45),  # logits / 1e-45 overflow to inf: greedy is temperature 0
+        dict(seed=2**64),
+        dict(seed=-1),
     ],
 )
 def test_invalid_sampling_config(kwargs):
