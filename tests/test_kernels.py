@@ -270,3 +270,14 @@ def test_kernels_env_var_sets_the_default_mode(tokenizer, tmp_path, monkeypatch)
     loaded = load_model(tmp_path, device="cpu", dtype="float32")
     assert not has_packed(loaded.model) and loaded.model.config._attn_implementation == select.SDPA
     assert "kernel mode plain" in loaded.kernels.linear.reason
+
+
+def test_other_devices_keep_their_model_as_loaded(tokenizer):
+    """ragspec's kernels are CPU kernels: on another device (meta here, standing in for CUDA,
+    which this machine may not have) nothing is probed, timed or swapped."""
+    model = build_tiny_model("llama", len(tokenizer)).to("meta")
+    model.set_attn_implementation("sdpa")
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="tiny-meta")
+    plan = select.choose_kernels(loaded, None)
+    assert (plan.linear.chosen, plan.attention.chosen) == (select.PLAIN_LINEAR, "sdpa")
+    assert "meta device" in plan.linear.reason and not has_packed(model)
