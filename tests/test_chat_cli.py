@@ -19,10 +19,17 @@ MAX_NEW = 12
 SAMPLING = {"temperature": 0.9, "top_k": 50, "top_p": 0.95}
 
 
+@pytest.fixture(autouse=True)
+def flat_latency_curve(monkeypatch):
+    """The CLI's engine speculates on every turn (a busy machine's measured curve can turn it
+    off), so its replies are speculative ones checked against plain decoding."""
+    monkeypatch.setattr("ragspec.engine.engine.load_or_measure_curve", lambda target: FLAT_CURVE)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("models") / "tiny-chat"
-    build_tiny_model("llama", len(tokenizer), seed=3).save_pretrained(folder)
+    build_tiny_model("llama", len(tokenizer), seed=2).save_pretrained(folder)  # its turn 2 gets drafts
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -64,6 +71,8 @@ def test_chat_keeps_the_history_and_reuses_its_kv(model_dir, reference):
     assert result.stdout == transcript(replies)
     alone = reference.generate([{"role": "user", "content": TURNS[1]}], max_new_tokens=MAX_NEW, speculative=False)
     assert replies[1] != alone.text, "turn 2 without the history would read the same: the test proves nothing"
+    drafted = [int(n) for n in re.findall(r"draft acceptance rate [\d.]+ \(\d+/(\d+)\)", result.stderr)]
+    assert len(drafted) == 2 and sum(drafted) > 0, "chat never speculated"
     cached = [int(n) for n in re.findall(r"prompt tokens from the prefix cache: (\d+)", result.stderr)]
     assert len(cached) == 2 and cached[0] == 0
     first_prompt = len(reference.encode([{"role": "user", "content": TURNS[0]}]))
