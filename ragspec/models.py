@@ -248,7 +248,7 @@ def _dequantised_dir(gguf_path: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     target = cache_dir() / "models" / f"{gguf_path.stem}-{key[:12]}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _is_dequantised(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -272,8 +272,26 @@ def _dequantised_dir(gguf_path: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _is_dequantised(model_dir: Path) -> bool:
+    return (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename the finished `tmp` to `target`. When another process published first (two loads of
+    a new model at once), its copy stays and serves; a damaged leftover is moved aside first."""
+    try:
+        tmp.rename(target)
+        return
+    except OSError:  # target exists and is not empty
+        if _is_dequantised(target):
+            return
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=".stale-"))
+    target.rename(aside / target.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    tmp.rename(target)

@@ -254,3 +254,31 @@ def test_truncated_gguf_is_a_clear_error(tmp_path, monkeypatch, keep):
         (tmp_path / "cut.gguf").write_bytes(whole.read(keep))
     with pytest.raises(UnsupportedModel, match="cut.gguf .truncated, damaged or unsupported"):
         load_model(tmp_path / "cut.gguf", device="cpu")
+
+
+def _model_dir(path, marker: str):
+    path.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (path / name).write_text(marker)
+    return path
+
+
+def test_dequantised_model_published_once_when_two_processes_race(tmp_path):
+    """A second dequantisation of the same file keeps the copy published first (a reader may
+    already be loading it); the old code deleted it before renaming its own."""
+    from ragspec.models import _publish
+
+    target = _model_dir(tmp_path / "model", "first")
+    _publish(_model_dir(tmp_path / ".tmp-second", "second"), target)
+    assert (target / "model.safetensors").read_text() == "first"
+
+
+def test_damaged_dequantised_dir_is_replaced(tmp_path):
+    from ragspec.models import _publish
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("left by an old version, no weights")
+    _publish(_model_dir(tmp_path / ".tmp-new", "new"), target)
+    assert (target / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
