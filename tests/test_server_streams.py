@@ -168,3 +168,48 @@ def test_ragspec_serve_with_a_missing_index_is_one_error_line(model_dir, tmp_pat
                                        "--index", "no-such-index", "--home", str(tmp_path)])
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and len(result.output.strip().splitlines()) == 1
+
+
+class _BrokenDrafter:
+    """Raises on its third proposal: an engine error in the middle of a request."""
+
+    name = "broken"
+
+    def __init__(self):
+        self.calls = 0
+
+    def propose(self, context):
+        from ragspec.types import DraftTree
+
+        self.calls += 1
+        if self.calls >= 3:
+            raise RuntimeError("drafter broke")
+        return DraftTree.empty()
+
+    def observe(self, step) -> None:
+        pass
+
+
+def _broken_setup(engine):
+    raise RuntimeError("factory broke")
+
+
+def test_engine_errors_are_openai_errors_and_the_engine_serves_on(tiny_llama):
+    engine = Engine(tiny_llama, latency_curve=FLAT_CURVE, persist_state=False,
+                    drafter_factories=[lambda e: [_BrokenDrafter()]])
+    with LiveServer(create_app(engine)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        body = {"model": "tiny-llama", "messages": CHAT, "max_tokens": 16, "temperature": 0}
+        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 500 and "drafter broke" in response.json()["error"]["message"]
+        with pytest.raises(openai.APIError, match="drafter broke"):
+            list(client.chat.completions.create(**body, stream=True))
+        engine.drafter_factories = [_broken_setup]
+        response = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=30)
+        assert response.status_code == 500 and "factory broke" in response.json()["error"]["message"]
+        reply = client.chat.completions.create(**body, extra_body={"speculative": False})
+        metrics = _metrics(server)
+    want = _fresh(tiny_llama, prefix_cache=False).generate(CHAT, max_new_tokens=16, speculative=False)
+    assert reply.choices[0].message.content == want.text
+    assert metric_value(metrics, "ragspec_requests_total", 'finish_reason="error"') == 2
+    assert metric_value(metrics, "ragspec_requests_in_flight") == 0

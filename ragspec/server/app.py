@@ -161,6 +161,11 @@ def _add_error_handlers(app: FastAPI, server: Server) -> None:
     async def http_error(_, exc: StarletteHTTPException):
         return _error_response(server, APIError(exc.status_code, str(exc.detail)))
 
+    @app.exception_handler(Exception)
+    async def unexpected(_, exc: Exception):
+        log.error("request failed", exc_info=exc)
+        return _error_response(server, APIError(500, f"internal error: {type(exc).__name__}: {exc}"))
+
 
 def _add_routes(app: FastAPI, server: Server) -> None:
     page = PAGE.read_text(encoding="utf-8")
