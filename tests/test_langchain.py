@@ -234,22 +234,47 @@ def test_astream_never_blocks_the_event_loop(tiny_llama, cold):
     assert gather(chunks).content == cold.generate(user("a b c a b c"), max_new_tokens=6, speculative=False).text
 
 
-def test_cancelled_astream_ends_its_request_and_frees_the_target(tiny_llama, cold):
+async def wait_until(condition, seconds: float = 5.0) -> None:
+    """Poll with the event loop running (so nothing waits for asyncio.run's shutdown)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+
+
+async def close_after_first_chunk(chat) -> None:
+    stream = chat.astream("a b c a b c")
+    await stream.__anext__()
+    await stream.aclose()
+
+
+async def cancel_after_first_chunk(chat) -> None:
+    first = asyncio.Event()
+
+    async def consume():
+        async for _ in chat.astream("a b c a b c"):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await first.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize("abandon", [close_after_first_chunk, cancel_after_first_chunk])
+def test_abandoned_astream_ends_its_request_and_frees_the_target(tiny_llama, cold, abandon):
     chat, slow = slow_chat(tiny_llama, 0.05, max_tokens=200)
 
     async def main():
-        stream = chat.astream("a b c a b c")
-        await stream.__anext__()
-        await stream.aclose()  # what cancelling the consuming task does too
+        await abandon(chat)
+        await wait_until(lambda: slow.finished == 1)  # the request ended (drafters saw finish_request)
+        calls = slow.calls
+        await asyncio.sleep(0.3)
+        return calls
 
-    asyncio.run(main())
-    deadline = time.monotonic() + 5
-    while slow.finished == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert slow.finished == 1  # the request ended cleanly (drafters saw finish_request)
-    calls = slow.calls
-    time.sleep(0.3)
-    assert slow.calls == calls and calls < 50  # no step ran after it, nowhere near 200 tokens
+    calls = asyncio.run(main())
+    assert slow.finished == 1
+    assert slow.calls == calls and calls < 50  # no step ran after it ended, far short of 200 tokens
     assert chat.invoke("a b c", max_tokens=8).content == cold.generate(user("a b c"), max_new_tokens=8,
                                                                       speculative=False).text
 

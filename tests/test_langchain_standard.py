@@ -43,6 +43,25 @@ class TestChatRagSpecIntegration(ChatModelIntegrationTests):
         # short answers keep the suite fast; every test needs only some text
         return {"max_tokens": 12, "engine": SHARED["engine"]}
 
+    @property
+    def model_override_value(self) -> str:
+        return saved_tiny_model()  # a call's model= loads (once) and uses another model
+
+
+@functools.lru_cache(maxsize=1)
+def saved_tiny_model() -> str:
+    """A tiny random-weight llama with the embedded tokenizer, saved as an HF model directory."""
+    from conftest import build_tiny_model
+    from transformers import AutoTokenizer
+
+    from ragspec.models import _dequantised_dir, embedded_model_path
+
+    directory = SESSION_CACHE_DIR / "langchain-override-model"
+    tokenizer = AutoTokenizer.from_pretrained(_dequantised_dir(embedded_model_path()))
+    build_tiny_model("llama", len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
 
 @functools.lru_cache(maxsize=1)
 def book_index() -> str:

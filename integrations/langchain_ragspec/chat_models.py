@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -57,7 +58,8 @@ class ChatRagSpec(RagSpecParams, BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         outcome = Outcome()
-        pieces = [p async for p in self.run_pieces_async(to_chat_messages(messages), stop, kwargs, outcome)]
+        async with aclosing(self.run_pieces_async(to_chat_messages(messages), stop, kwargs, outcome)) as stream:
+            pieces = [p async for p in stream]
         return self._result(pieces, outcome, kwargs)
 
     def _result(self, pieces, outcome: Outcome, kwargs: dict) -> ChatResult:
@@ -82,8 +84,10 @@ class ChatRagSpec(RagSpecParams, BaseChatModel):
         """As `_stream`, with every decoding step in a worker thread (the event loop never waits
         for a forward pass); cancelling ends the request after the step in progress."""
         outcome = Outcome()
-        async for piece in self.run_pieces_async(to_chat_messages(messages), stop, kwargs, outcome):
-            yield ChatGenerationChunk(message=AIMessageChunk(content=piece.text, response_metadata=piece_metadata(piece)))
+        async with aclosing(self.run_pieces_async(to_chat_messages(messages), stop, kwargs, outcome)) as stream:
+            async for piece in stream:  # closing this generator closes `stream` at once (aclosing)
+                yield ChatGenerationChunk(message=AIMessageChunk(content=piece.text,
+                                                                 response_metadata=piece_metadata(piece)))
         yield self._last_chunk(outcome, kwargs)
 
     def _last_chunk(self, outcome: Outcome, kwargs: dict) -> ChatGenerationChunk:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -47,7 +48,8 @@ class RagSpecLLM(RagSpecParams, BaseLLM):
         generations = []
         for prompt in prompts:
             outcome = Outcome()
-            pieces = [p async for p in self.run_pieces_async(prompt, stop, kwargs, outcome)]
+            async with aclosing(self.run_pieces_async(prompt, stop, kwargs, outcome)) as stream:
+                pieces = [p async for p in stream]
             generations.append([self._generation(pieces, outcome, kwargs)])
         return LLMResult(generations=generations, llm_output={"model_name": self.model_name_for(kwargs.get("model"))})
 
@@ -75,9 +77,10 @@ class RagSpecLLM(RagSpecParams, BaseLLM):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         outcome = Outcome()
-        async for piece in self.run_pieces_async(prompt, stop, kwargs, outcome):
-            chunk = GenerationChunk(text=piece.text, generation_info=piece_metadata(piece))
-            if run_manager:
-                await run_manager.on_llm_new_token(piece.text, chunk=chunk)
-            yield chunk
+        async with aclosing(self.run_pieces_async(prompt, stop, kwargs, outcome)) as stream:
+            async for piece in stream:
+                chunk = GenerationChunk(text=piece.text, generation_info=piece_metadata(piece))
+                if run_manager:
+                    await run_manager.on_llm_new_token(piece.text, chunk=chunk)
+                yield chunk
         yield GenerationChunk(text="", generation_info=self._final_info(outcome, kwargs))
