@@ -319,3 +319,23 @@ def test_engines_load_on_first_call_and_are_shared(tokenizer, tmp_path):
     for thread in threads:
         thread.join(timeout=60)
     assert len(_engines._ENGINES) == before + 1
+
+
+def test_embeddings_feed_any_vector_store():
+    """RagSpecEmbeddings are ragspec's index embeddings (normalised), usable by LangChain stores."""
+    import numpy as np
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from langchain_ragspec import RagSpecEmbeddings
+    from ragspec.index.encoders import embed, load_embedder
+
+    embeddings = RagSpecEmbeddings()
+    texts = [*DOCUMENTS, "Mountains are tall and cold."]
+    vectors = np.array(embeddings.embed_documents(texts))
+    assert np.allclose(vectors, embed(load_embedder(), texts), atol=1e-6)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert embeddings.embed_documents([]) == []
+    store = InMemoryVectorStore(embedding=embeddings)
+    store.add_texts(texts)
+    found = [d.page_content for d in store.similarity_search("Where do rivers go?", k=2)]
+    assert set(found) == set(DOCUMENTS)
