@@ -53,6 +53,8 @@ def main() -> None:
     retriever = store.as_retriever(search_kwargs={"k": args.k})
     chat = ChatRagSpec(max_tokens=args.max_tokens, dtype=args.dtype)
     chain = chat.with_retriever(retriever)  # or: chat.invoke(q, documents=retriever.invoke(q))
+    print("loading the model and its latency curve (both cached after the first run) ...", flush=True)
+    chat.get_engine().budget()  # else the first answer's tokens/s would include the loading
 
     print(f"\nQ: {args.question}\nA: ", end="", flush=True)
     answer, start = None, time.perf_counter()

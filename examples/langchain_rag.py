@@ -44,6 +44,8 @@ def main() -> None:
     retriever = RagSpecRetriever(index=args.index, index_home=args.home, k=args.k)
     chat = ChatRagSpec(max_tokens=args.max_tokens, dtype=args.dtype, index_home=args.home)  # loads on first call
     chain = chat.with_retriever(retriever)  # an LCEL runnable: question -> retrieve -> answer
+    print("loading the model and its latency curve (both cached after the first run) ...", flush=True)
+    chat.get_engine().budget()  # else the first answer's tokens/s would include the loading
 
     for document in retriever.invoke(args.question):
         print(f"retrieved chunk {document.metadata['chunk_id']} (score {document.metadata['score']:.3f})")
