@@ -65,13 +65,17 @@ class RunMetadata:
             dtype=str(engine.target.dtype).removeprefix("torch."),
             torch_version=torch.__version__,
             transformers_version=transformers.__version__,
-            cpu=cpu_info(),
+            cpu=cpu_info(engine.target),
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             options=asdict(options),
         )
 
 
-def cpu_info() -> dict:
+def cpu_info(target=None) -> dict:
+    """The CPU, the flags its kernels depend on, any ISA limit set by environment, and (given the
+    loaded model) the kernels chosen for it: what decides a CPU run's speed."""
+    from ragspec.kernels import probe
+
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,8 +84,25 @@ def cpu_info() -> dict:
                 break
     except OSError:
         pass
-    return {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
+    info = {"model": model, "machine": platform.machine(), "logical_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "flags": list(probe.cpu_flags()),
+            "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "onednn_isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", "")}
+    kernels = getattr(target, "kernels", None)
+    if kernels is not None:
+        info["kernels"] = {"linear": kernels.linear.chosen, "attention": kernels.attention.chosen}
+    return info
+
+
+def _cpu_line(cpu: dict) -> str:
+    """The header's CPU line: flags, ISA limits and kernels where the report has them."""
+    parts = [f"CPU flags: {' '.join(cpu.get('flags', [])) or 'none of the kernel flags'}",
+             f"ATen capability {cpu.get('aten_capability', '?')}"]
+    if cpu.get("onednn_isa_limit"):
+        parts.append(f"ONEDNN_MAX_CPU_ISA={cpu['onednn_isa_limit']} (an ISA limit: emulates a CPU without the rest)")
+    if cpu.get("kernels"):
+        parts.append(f"kernels: linear {cpu['kernels']['linear']}, attention {cpu['kernels']['attention']}")
+    return "; ".join(parts)
 
 
 def build_report(meta: RunMetadata, runs: list[WorkloadRun], experiments: dict | None = None) -> dict:
@@ -233,6 +254,8 @@ def render_markdown(report: dict) -> str:
         f"{report['device']}, {report['dtype']}, CPU {report['cpu']['model']} "
         f"({report['cpu']['logical_cores']} cores), torch {report['torch_version']}, "
         f"transformers {report['transformers_version']}, {report['created']}",
+        "",
+        _cpu_line(report["cpu"]),
         "",
         "tok/s: generated tokens over the whole request (prefill included); decode tok/s leaves the "
         "prefill out, TTFT is the time to the first token, cached prompt tokens the mean prompt tokens "
