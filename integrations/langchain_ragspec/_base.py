@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+from langchain_core.language_models.base import LangSmithParams
 from pydantic import BaseModel, ConfigDict, Field
 
 from langchain_ragspec._convert import REQUEST_OPTIONS, request_options
@@ -71,6 +73,17 @@ class RagSpecParams(BaseModel):
         request = self.ragspec_request(prompt, stop, kwargs)  # bad arguments raise here, at once
         model = kwargs.get("model")
         return async_pieces(lambda: self.get_engine(model).stream(request), self.timeout, outcome)
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return self.ragspec_params()
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)  # the LangChain base class's
+        params["ls_provider"] = "ragspec"
+        if "ls_stop" not in params and self.stop:
+            params["ls_stop"] = list(self.stop)
+        return params
 
     def ragspec_params(self) -> dict:
         return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,

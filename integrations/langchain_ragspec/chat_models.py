@@ -8,7 +8,6 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableLambda
@@ -37,17 +36,6 @@ class ChatRagSpec(RagSpecParams, BaseChatModel):
     @property
     def _llm_type(self) -> str:
         return "ragspec-chat"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self.ragspec_params()
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "ragspec"
-        if "ls_stop" not in params and self.stop:
-            params["ls_stop"] = list(self.stop)
-        return params
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:

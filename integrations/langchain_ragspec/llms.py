@@ -8,7 +8,6 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
-from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from langchain_ragspec._base import RagSpecParams
@@ -24,15 +23,6 @@ class RagSpecLLM(RagSpecParams, BaseLLM):
     @property
     def _llm_type(self) -> str:
         return "ragspec"
-
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return self.ragspec_params()
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = super()._get_ls_params(stop=stop, **kwargs)
-        params["ls_provider"] = "ragspec"
-        return params
 
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> LLMResult:
