@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ragspec.errors import ConfigError
 
@@ -40,7 +40,12 @@ class SamplingConfig:
         return self.temperature == 0.0
 
 
-DRAFTERS = ("context", "past", "recycling", "datastore")
+
+
+def _default_drafters() -> tuple[str, ...]:
+    from ragspec.drafting.registry import default_drafters
+
+    return default_drafters()
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,11 @@ class SpecConfig:
     max_match: int = 64  # longest suffix match measured, in tokens
     max_occurrences: int = 32  # earlier occurrences of the match turned into tree branches
     max_depth: int = 32  # deepest continuation drafted
-    # which drafters run: context (this request's tokens), past (earlier answers), recycling
-    # (the target's own earlier top-k), datastore (the index, for requests that use one)
-    drafters: tuple[str, ...] = DRAFTERS
+    # which drafters run, by name in ragspec.drafting.registry (default: its default ones):
+    # context (this request's tokens), past (earlier answers), recycling (the target's own
+    # earlier top-k), datastore (the index, for requests that use one), ...
+    drafters: tuple[str, ...] = field(default_factory=_default_drafters)
+    options: tuple = ()  # config dataclass instances of the drafters that have one (registry)
     datastore_scope: str = "retrieved"  # "retrieved" chunks of the request, or the whole "index"
     # past responses: one store per "index" (requests without one share another), or one "global"
     # store; with Engine(persist_state=True) a per-index store is saved in the index directory
@@ -69,9 +76,12 @@ class SpecConfig:
             )
         if self.max_depth < 1 or self.max_occurrences < 1 or self.max_match < 1:
             raise ConfigError("max_depth, max_occurrences and max_match must be >= 1")
-        unknown = set(self.drafters) - set(DRAFTERS)
+        from ragspec.drafting.registry import REGISTRY
+
+        unknown = set(self.drafters) - set(REGISTRY)
         if unknown:
-            raise ConfigError(f"unknown drafters {sorted(unknown)}: choose from {', '.join(DRAFTERS)}")
+            raise ConfigError(f"unknown drafters {sorted(unknown)}: choose from {', '.join(REGISTRY)}")
+        object.__setattr__(self, "drafters", tuple(self.drafters))
         if self.datastore_scope not in ("retrieved", "index"):
             raise ConfigError(f"datastore_scope must be 'retrieved' or 'index', got {self.datastore_scope!r}")
         if self.past_scope not in ("index", "global"):

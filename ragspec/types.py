@@ -7,6 +7,7 @@ children (`parents[i] < i`), so one pass over the arrays visits a tree top-down.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,11 +17,36 @@ ROOT = -1
 
 
 @dataclass(frozen=True)
+class ModelDraws:
+    """Tokens a model drafter drew at random, in draw order, without replacement, from `probs`.
+
+    Draw i came from `probs` with draws 0..i-1 removed and renormalised: lossless sampling
+    (ragspec.sampling.acceptance) needs exactly that distribution for its residual rejection.
+    A draw stays listed even if its node was pruned from the tree.
+    """
+
+    probs: torch.Tensor  # [vocab] float32, the drafter's distribution at the parent (sampling applied)
+    tokens: tuple[int, ...]  # [draws] distinct token ids, in the order they were drawn
+
+
+@dataclass(frozen=True)
 class DraftTree:
+    """A draft token tree. Retrieval drafters fill the first four arrays only; model drafters
+    also say what their model thinks of each node (`draft_probs`) and, when sampling, which
+    children they drew at random from which distribution (`draws`).
+
+    `deterministic[i]`: node i was proposed whatever the random draws (every retrieval node,
+    and a model's top-k children); lossless sampling treats it as a point-mass candidate. A node
+    drawn at random by a model and proposed by no one else is not deterministic. None: all are.
+    """
+
     token_ids: np.ndarray  # [num_nodes] int64
     parents: np.ndarray  # [num_nodes] int64, ROOT or an index < own index
     scores: np.ndarray  # [num_nodes] float64, estimated P(this node is accepted); never above the parent's
     sources: tuple[str, ...]  # [num_nodes] the drafter that proposed each node (first proposer wins)
+    draft_probs: np.ndarray | None = None  # [num_nodes] float64, a model's P(token | parent path); NaN: none
+    deterministic: np.ndarray | None = None  # [num_nodes] bool; None: every node
+    draws: dict[int, tuple[ModelDraws, ...]] = field(default_factory=dict)  # parent node (ROOT too) -> draws
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -28,10 +54,24 @@ class DraftTree:
             raise ValueError("DraftTree arrays must have one entry per node")
         if n and np.any(self.parents >= np.arange(n)):
             raise ValueError("DraftTree parents must come before their children")
+        for name in ("draft_probs", "deterministic"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise ValueError(f"DraftTree {name} must have one entry per node")
+        if any(parent != ROOT and not 0 <= parent < n for parent in self.draws):
+            raise ValueError("DraftTree draws must be keyed by ROOT or a node of the tree")
 
     @property
     def num_nodes(self) -> int:
         return len(self.token_ids)
+
+    def is_deterministic(self) -> np.ndarray:
+        """`deterministic`, filled in: [num_nodes] bool."""
+        return np.ones(self.num_nodes, dtype=bool) if self.deterministic is None else self.deterministic
+
+    def model_probs(self) -> np.ndarray:
+        """`draft_probs`, filled in with NaN: [num_nodes] float64."""
+        return np.full(self.num_nodes, np.nan) if self.draft_probs is None else self.draft_probs
 
     @classmethod
     def empty(cls) -> "DraftTree":
@@ -156,3 +196,25 @@ def _bump(counts: list[int], index: int) -> None:
     while len(counts) <= index:
         counts.append(0)
     counts[index] += 1
+
+
+class TokenBuffer:
+    """Growable int64 array of the request's tokens: committed ones, then the pending one."""
+
+    def __init__(self, tokens: Sequence[int]):
+        self._data = np.zeros(max(64, 2 * len(tokens)), dtype=np.int64)
+        self._length = 0
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        end = self._length + len(tokens)
+        if end > len(self._data):
+            self._data = np.concatenate([self._data, np.zeros(end, dtype=np.int64)])
+        self._data[self._length : end] = tokens
+        self._length = end
+
+    def view(self) -> np.ndarray:
+        return self._data[: self._length]
+
+    def __len__(self) -> int:
+        return self._length

@@ -19,7 +19,7 @@ import torch
 
 from ragspec import Engine, LoadedModel
 from ragspec.drafting.base import DraftContext
-from ragspec.drafting.budget import measure_latency_curve
+from ragspec.engine.budget import measure_latency_curve
 from ragspec.types import DraftTree, StepResult
 
 ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)

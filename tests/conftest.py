@@ -44,7 +44,7 @@ import torch
 from hypothesis import settings
 
 from ragspec import Engine, LoadedModel
-from ragspec.drafting.budget import LatencyCurve
+from ragspec.engine.budget import LatencyCurve
 from ragspec.kernels.select import choose_kernels
 from ragspec.models import _dequantised_dir, attention_for, embedded_model_path, load_model
 

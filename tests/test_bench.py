@@ -123,7 +123,7 @@ def tiny_engine():
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from ragspec import Engine, LoadedModel
-    from ragspec.drafting.budget import LatencyCurve
+    from ragspec.engine.budget import LatencyCurve
     from ragspec.errors import RagspecError
     from ragspec.models import _dequantised_dir, embedded_model_path
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from ragspec import Engine
-from ragspec.drafting.budget import EXPLORE_EVERY, LatencyCurve, NodeBudget
+from ragspec.engine.budget import EXPLORE_EVERY, LatencyCurve, NodeBudget
 from ragspec.types import DraftTree
 
 # As conftest's FLAT_CURVE (64 rows cost what 1 costs), but corrected online like a measured curve.

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from conftest import FLAT_CURVE, book_paragraphs, spec_bench_questions
 from test_tree import assert_is_trie, assert_monotone, assert_valid_tree
 from ragspec import Engine
-from ragspec.config import DRAFTERS, SpecConfig
+from ragspec.config import SpecConfig
+from ragspec.drafting.registry import default_drafters
 from ragspec.drafting.base import DraftContext
 from ragspec.drafting.continuations import draft_depth
 from ragspec.drafting.datastore import DatastoreDrafter
@@ -423,7 +424,7 @@ def tiny_reference(tiny_model, tmp_path_factory):
     return plain, home
 
 
-@pytest.mark.parametrize("drafters", [("context",), ("past",), ("recycling",), ("datastore",), DRAFTERS],
+@pytest.mark.parametrize("drafters", [("context",), ("past",), ("recycling",), ("datastore",), default_drafters()],
                          ids=["context", "past", "recycling", "datastore", "fused"])
 def test_tiny_greedy_lossless_with_each_drafter(tiny_model, tiny_reference, drafters):
     plain, home = tiny_reference
@@ -470,7 +471,7 @@ def test_real_model_all_drafters_lossless_and_faster_the_second_time(real_engine
     assert real_engine.target.dtype == torch.float32
     # a fresh engine: no past responses or recycling state from other tests
     engine = Engine(real_engine.target, latency_curve=real_engine.budget().curve, persist_state=False)
-    assert engine.spec.drafters == DRAFTERS
+    assert engine.spec.drafters == default_drafters()
     questions = real_questions()
     plain = [engine.generate(q, max_new_tokens=REAL_MAX_NEW, speculative=False).token_ids for q in questions]
     rounds = []

@@ -6,13 +6,13 @@ import math
 
 import numpy as np
 import pytest
+from conftest import FLAT_CURVE, tiny_loaded
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import FLAT_CURVE, tiny_loaded
 from test_tree import draft_trees
+
 from ragspec import Engine, RagspecError, SamplingConfig, SpecConfig, load_model
-from ragspec.drafting.budget import LatencyCurve, NodeBudget
+from ragspec.engine.budget import LatencyCurve, NodeBudget
 from ragspec.errors import ConfigError, ModelNotFound, PromptTooLong
 from ragspec.types import ROOT, DraftTree
 

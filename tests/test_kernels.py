@@ -12,10 +12,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import FLAT_CURVE, TEST_DEVICE, build_tiny_model
+
 from ragspec import Engine, LoadedModel, load_model
-from ragspec.drafting.budget import LatencyCurve
+from ragspec.engine.budget import LatencyCurve
 from ragspec.kernels import probe, select
 from ragspec.kernels.attention import small_query_attention
 from ragspec.kernels.linear import PackedLinear
@@ -160,7 +160,7 @@ def test_real_model_loads_in_bf16_without_the_bf16_prepack(monkeypatch):
 AVX2_SCRIPT = """
 import json, torch
 from ragspec import Engine, load_model
-from ragspec.drafting.budget import LatencyCurve
+from ragspec.engine.budget import LatencyCurve
 from ragspec.kernels import probe
 from ragspec.models import pick_dtype
 loaded = load_model(None, device="cpu", dtype="bfloat16")

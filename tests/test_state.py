@@ -19,14 +19,25 @@ from typing import Callable
 
 import numpy as np
 import pytest
+from conftest import (
+    FLAT_CURVE,
+    SESSION_CACHE_DIR,
+    TEST_MODELS_DIR,
+    book_paragraphs,
+    tiny_loaded,
+)
 
-from conftest import FLAT_CURVE, SESSION_CACHE_DIR, TEST_MODELS_DIR, book_paragraphs, tiny_loaded
 from ragspec import Engine, load_model
 from ragspec.config import SpecConfig
 from ragspec.drafting.base import load_state, remove_stale_temporaries, save_state
-from ragspec.drafting.budget import LatencyCurve, load_or_measure_curve, read_curve, save_curve
 from ragspec.drafting.past_responses import PastResponsesDrafter
 from ragspec.drafting.recycling import TOP_K, UNKNOWN, TokenRecyclingDrafter
+from ragspec.engine.budget import (
+    LatencyCurve,
+    load_or_measure_curve,
+    read_curve,
+    save_curve,
+)
 from ragspec.index import build_index_from_texts
 from ragspec.index.store import PAST_RESPONSES_FILE
 from ragspec.models import cache_dir, files_identity
@@ -43,7 +54,7 @@ def _recycling_files(cache: Path) -> list[Path]:
 def _warnings(caplog) -> list[str]:
     """Warnings from where learned state is read and written."""
     records = caplog.records
-    return [r.getMessage() for r in records if r.levelno >= logging.WARNING and r.name.startswith("ragspec.drafting")]
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING and r.name.startswith(("ragspec.drafting", "ragspec.engine.budget"))]
 
 
 def _save_raw(path: Path, content: bytes | np.ndarray) -> None:
@@ -144,8 +155,8 @@ def test_a_bad_latency_cache_is_measured_again(tiny_llama, private_cache, caplog
 def test_the_cli_still_answers_over_an_empty_recycling_file(tokenizer, tmp_path, private_cache):
     """The issue's symptom: every `ragspec generate` exited 1 printing only `Aborted!`."""
     from click.testing import CliRunner
-
     from conftest import build_tiny_model
+
     from ragspec.cli import main
 
     folder = tmp_path / "tiny"

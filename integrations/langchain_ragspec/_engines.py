@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-from ragspec import Engine, Generation, GenerationRequest, Piece, TextStream
+from ragspec import Engine, Generation, Piece, TextStream
 
 _ENGINES: dict[tuple, Engine] = {}
 _ENGINES_LOCK = threading.Lock()

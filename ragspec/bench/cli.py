@@ -8,8 +8,14 @@ import sys
 import click
 
 from ragspec.bench.experiments import EXPERIMENTS
+from ragspec.bench.options import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_JSON,
+    DEFAULT_LIMIT,
+    FULL_LIMIT,
+    BenchOptions,
+)
 from ragspec.bench.peers import DEFAULT_METHODS
-from ragspec.bench.runner import DEFAULT_DATA_DIR, DEFAULT_JSON, DEFAULT_LIMIT, FULL_LIMIT, BenchOptions
 from ragspec.bench.workloads import DEFAULT_WORKLOADS, FULL_WORKLOADS
 from ragspec.cli_support import library_errors
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from ragspec.config import SpecConfig
 from ragspec.drafting.suffix_index import NgramIndex
-from ragspec.verify.verifier import common_prefix_length
+from ragspec.kvcache import common_prefix_length
 
 ORACLE_DEPTH = 32  # longest draft chain considered
 

@@ -17,23 +17,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import zip_longest
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from ragspec.bench.options import EXPERIMENT_NAMES, BenchOptions
 from ragspec.bench.peers import fresh_engine
 from ragspec.bench.workloads import SPEC_BENCH_CATEGORIES, load_workload, read_jsonl
-from ragspec.config import DRAFTERS
+from ragspec.drafting.registry import default_drafters
 from ragspec.engine import Engine
 from ragspec.errors import ConfigError
 
-if TYPE_CHECKING:
-    from ragspec.bench.runner import BenchOptions
-
 log = logging.getLogger(__name__)
 
-EXPERIMENTS = ("past-twice", "drafter-ablation")
+EXPERIMENTS = EXPERIMENT_NAMES
 PAST_TWICE_QUESTIONS = 10
 PAST_TWICE_TARGET = 2.0  # pass-2 / pass-1 mean acceptance length the past drafter should reach
-ABLATION_DRAFTERS = {"context": ("context",), "recycling": ("recycling",), "past": ("past",), "fused": DRAFTERS}
+ABLATION_DRAFTERS = {"context": ("context",), "recycling": ("recycling",), "past": ("past",), "fused": default_drafters()}
 FALLBACK_CATEGORIES = ("summarization", "writing", "translation")  # when no spec_bench workload is selected
 
 
@@ -69,7 +66,7 @@ class Tally:
         }
 
 
-def run_experiment(name: str, options: "BenchOptions", engine: Engine) -> dict:
+def run_experiment(name: str, options: BenchOptions, engine: Engine) -> dict:
     if name == "past-twice":
         return past_twice(options, engine, options.experiment_limit or PAST_TWICE_QUESTIONS)
     if name == "drafter-ablation":
@@ -94,7 +91,7 @@ def _fits(engine: Engine, messages: list[dict], max_new_tokens: int) -> bool:
     return len(engine.encode(messages)) + max_new_tokens <= engine.target.context_length
 
 
-def past_twice(options: "BenchOptions", engine: Engine, count: int) -> dict:
+def past_twice(options: BenchOptions, engine: Engine, count: int) -> dict:
     """Both passes through one fresh engine (persist_state=False), so only pass 1 can feed pass 2."""
     questions = [(c, [{"role": "user", "content": q}]) for c, q in mixed_questions(options.data_dir, count)]
     questions = [(c, m) for c, m in questions if _fits(engine, m, options.max_new_tokens)]
@@ -126,7 +123,7 @@ def ablation_categories(workloads: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(found)) or list(FALLBACK_CATEGORIES)
 
 
-def drafter_ablation(options: "BenchOptions", engine: Engine, per_category: int | None) -> dict:
+def drafter_ablation(options: BenchOptions, engine: Engine, per_category: int | None) -> dict:
     """Per category: each configuration in its own fresh engine, prompts interleaved across them."""
     categories = {}
     for category in ablation_categories(options.workloads):
@@ -139,7 +136,7 @@ def drafter_ablation(options: "BenchOptions", engine: Engine, per_category: int 
     }
 
 
-def _ablate_category(options: "BenchOptions", engine: Engine, category: str, limit: int | None) -> dict:
+def _ablate_category(options: BenchOptions, engine: Engine, category: str, limit: int | None) -> dict:
     requests = load_workload(f"spec_bench:{category}", options.data_dir, limit).requests
     prompts = [[{"role": "user", "content": r.user_turns[0]}] for r in requests]
     prompts = [m for m in prompts if _fits(engine, m, options.max_new_tokens)]

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ragspec.bench.divergence import NOISE_GAP, first_difference
+from ragspec.bench.options import BenchOptions
 from ragspec.bench.peers import REFERENCE_METHOD, SPECULATIVE_METHOD, MethodOutput
 from ragspec.types import SpecStats
 
 if TYPE_CHECKING:
-    from ragspec.bench.runner import BenchOptions
     from ragspec.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class RunMetadata:
     options: dict
 
     @classmethod
-    def collect(cls, engine: "Engine", options: "BenchOptions") -> "RunMetadata":
+    def collect(cls, engine: "Engine", options: BenchOptions) -> "RunMetadata":
         import transformers
 
         return cls(

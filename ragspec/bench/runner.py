@@ -16,14 +16,13 @@ import dataclasses
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from ragspec.bench.copy_bound import copy_bounds
 from ragspec.bench.divergence import Fp32Judge
-from ragspec.bench.experiments import EXPERIMENTS, run_experiment
+from ragspec.bench.experiments import run_experiment
+from ragspec.bench.options import BenchOptions
 from ragspec.bench.peers import (
-    DEFAULT_METHODS,
     REFERENCE_METHOD,
     Method,
     MethodOutput,
@@ -33,15 +32,14 @@ from ragspec.bench.peers import (
 from ragspec.bench.rag import RagRun
 from ragspec.bench.report import RunMetadata, WorkloadRun, build_report, write_report
 from ragspec.bench.workloads import (
-    DEFAULT_WORKLOADS,
     DocumentBudget,
     Request,
     Workload,
     load_workload,
     tokenizer_truncate,
 )
-from ragspec.drafting.budget import measure_latency_curve
 from ragspec.engine import Engine
+from ragspec.engine.budget import measure_latency_curve
 from ragspec.errors import ConfigError
 from ragspec.models import EMBEDDED_MODEL, LoadedModel, load_model
 
@@ -49,41 +47,6 @@ log = logging.getLogger(__name__)
 
 WARMUP_MESSAGES = ({"role": "user", "content": "Say hello and count from one to five."},)
 WARMUP_TOKENS = 8
-DEFAULT_LIMIT = 3
-FULL_LIMIT = 10
-DEFAULT_DATA_DIR = "../shared/data"
-DEFAULT_JSON = "bench-results/report.json"
-
-
-@dataclass(frozen=True)
-class BenchOptions:
-    workloads: tuple[str, ...] = DEFAULT_WORKLOADS
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    data_dir: str = DEFAULT_DATA_DIR
-    limit: int | None = DEFAULT_LIMIT  # prompts per workload; None = all
-    max_new_tokens: int = 128
-    max_context_tokens: int = 5500  # long documents are cut to this many tokens
-    dtype: str | None = None  # None: the engine's own choice (bf16 on CPUs that run it fast)
-    model: str | None = None  # None: the embedded model
-    json_path: str = DEFAULT_JSON  # report.md and the PNG plots go beside it
-    plots: bool = True
-    warmup: bool = True
-    experiments: tuple[str, ...] = ()  # "past-twice", "drafter-ablation"; run after the workloads
-    experiment_limit: int | None = None  # questions; None: 10 for past-twice, `limit` per ablation category
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
-        if not self.workloads or not self.methods:
-            raise ConfigError("give at least one workload and one method")
-        unknown = [name for name in self.experiments if name not in EXPERIMENTS]
-        if unknown:
-            raise ConfigError(f"unknown experiment {unknown[0]!r}: use {' or '.join(EXPERIMENTS)}")
-        if self.experiment_limit is not None and self.experiment_limit < 1:
-            raise ConfigError(f"experiment_limit must be >= 1, got {self.experiment_limit}")
-
 
 def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = None) -> dict:
     """Benchmark, write JSON + Markdown + plots under options.json_path, return the report."""

@@ -7,9 +7,9 @@ vectorised hashing pass. Hash collisions are harmless: every match is re-checked
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
+
+from ragspec.types import TokenBuffer
 
 NGRAM_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 SEPARATOR = -1  # between unrelated sequences (e.g. stored responses); matches no real token
@@ -23,28 +23,6 @@ def ngram_hashes(tokens: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
         for offset in range(n, 0, -1):
             hashes = hashes * _HASH_BASE + tokens[ends - offset].astype(np.uint64)
     return hashes
-
-
-class TokenBuffer:
-    """Growable int64 array of the request's tokens: committed ones, then the pending one."""
-
-    def __init__(self, tokens: Sequence[int]):
-        self._data = np.zeros(max(64, 2 * len(tokens)), dtype=np.int64)
-        self._length = 0
-        self.extend(tokens)
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        end = self._length + len(tokens)
-        if end > len(self._data):
-            self._data = np.concatenate([self._data, np.zeros(end, dtype=np.int64)])
-        self._data[self._length : end] = tokens
-        self._length = end
-
-    def view(self) -> np.ndarray:
-        return self._data[: self._length]
-
-    def __len__(self) -> int:
-        return self._length
 
 
 class NgramIndex:

@@ -6,21 +6,29 @@ above its parent's (so the best n nodes by score always form a connected tree).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
-from ragspec.types import ROOT, DraftTree
+from ragspec.types import ROOT, DraftTree, ModelDraws
 
 
 class TrieBuilder:
-    """Insert token paths; shared prefixes merge into one node, scores combine by noisy-or."""
+    """Insert token paths; shared prefixes merge into one node, scores combine by noisy-or.
+
+    A merged node keeps a model's draft probability where any proposer had one, and is
+    deterministic when any proposer proposed it deterministically."""
 
     def __init__(self) -> None:
         self.token_ids: list[int] = []
         self.parents: list[int] = []
         self.scores: list[float] = []
         self.sources: list[str] = []
+        self.draft_probs: list[float] = []
+        self.deterministic: list[bool] = []
+        self.draws: dict[int, tuple[ModelDraws, ...]] = {}
         self._children: dict[tuple[int, int], int] = {}  # (parent, token) -> node
 
     def __len__(self) -> int:
@@ -32,7 +40,8 @@ class TrieBuilder:
         for token, score in zip(tokens, scores):
             parent = self.add(parent, int(token), float(score), source)
 
-    def add(self, parent: int, token: int, score: float, source: str) -> int:
+    def add(self, parent: int, token: int, score: float, source: str, draft_prob: float = math.nan,
+            deterministic: bool = True) -> int:
         """The node for `token` under `parent`, created if new; returns its index."""
         node = self._children.get((parent, token))
         if node is None:
@@ -42,16 +51,28 @@ class TrieBuilder:
             self.parents.append(parent)
             self.scores.append(score)
             self.sources.append(source)
+            self.draft_probs.append(draft_prob)
+            self.deterministic.append(deterministic)
         else:
             self.scores[node] = 1.0 - (1.0 - self.scores[node]) * (1.0 - score)
+            if math.isnan(self.draft_probs[node]):
+                self.draft_probs[node] = draft_prob
+            self.deterministic[node] = self.deterministic[node] or deterministic
         return node
 
+    def add_draws(self, parent: int, draws: tuple[ModelDraws, ...]) -> None:
+        self.draws[parent] = self.draws.get(parent, ()) + tuple(draws)
+
     def build(self) -> DraftTree:
+        has_model = not all(math.isnan(p) for p in self.draft_probs)
         return DraftTree(
             token_ids=np.asarray(self.token_ids, dtype=np.int64),
             parents=np.asarray(self.parents, dtype=np.int64),
             scores=np.asarray(self.scores, dtype=np.float64),
             sources=tuple(self.sources),
+            draft_probs=np.asarray(self.draft_probs, dtype=np.float64) if has_model else None,
+            deterministic=None if all(self.deterministic) else np.asarray(self.deterministic, dtype=bool),
+            draws=dict(self.draws),
         )
 
 
@@ -68,12 +89,15 @@ def fuse(trees: Sequence[DraftTree]) -> DraftTree:
     trie = TrieBuilder()
     for tree in trees:
         node_in_trie: list[int] = []
-        for token, parent, score, source in zip(tree.token_ids.tolist(), tree.parents.tolist(),
-                                                tree.scores.tolist(), tree.sources):
+        columns = zip(tree.token_ids.tolist(), tree.parents.tolist(), tree.scores.tolist(), tree.sources,
+                      tree.model_probs().tolist(), tree.is_deterministic().tolist())
+        for token, parent, score, source, draft_prob, deterministic in columns:
             trie_parent = ROOT if parent == ROOT else node_in_trie[parent]
-            node_in_trie.append(trie.add(trie_parent, token, score, source))
+            node_in_trie.append(trie.add(trie_parent, token, score, source, draft_prob, deterministic))
+        for parent, draws in tree.draws.items():
+            trie.add_draws(ROOT if parent == ROOT else node_in_trie[parent], draws)
     tree = trie.build()
-    return DraftTree(tree.token_ids, tree.parents, monotone_scores(tree.scores, tree.parents), tree.sources)
+    return replace(tree, scores=monotone_scores(tree.scores, tree.parents))
 
 
 def monotone_scores(scores: np.ndarray, parents: np.ndarray) -> np.ndarray:
@@ -103,9 +127,15 @@ def prune(tree: DraftTree, num_nodes: int, scores: np.ndarray | None = None) -> 
     new_index[keep] = np.arange(len(keep))
     old_parents = tree.parents[keep]
     parents = np.where(old_parents == ROOT, ROOT, new_index[np.maximum(old_parents, 0)])
+    kept = np.zeros(tree.num_nodes, dtype=bool)
+    kept[keep] = True
     return DraftTree(
         token_ids=tree.token_ids[keep],
         parents=parents,
         scores=tree.scores[keep],
         sources=tuple(tree.sources[i] for i in keep),
+        draft_probs=None if tree.draft_probs is None else tree.draft_probs[keep],
+        deterministic=None if tree.deterministic is None else tree.deterministic[keep],
+        draws={ROOT if parent == ROOT else int(new_index[parent]): draws
+               for parent, draws in tree.draws.items() if parent == ROOT or kept[parent]},
     )

@@ -10,15 +10,14 @@ from pathlib import Path
 
 from ragspec.config import SamplingConfig, SpecConfig
 from ragspec.drafting.base import Drafter
-from ragspec.drafting.budget import LatencyCurve, NodeBudget, load_or_measure_curve
-from ragspec.drafting.context_suffix import ContextSuffixDrafter
-from ragspec.drafting.continuations import new_match_estimate
+from ragspec.drafting.registry import DraftRequest, build_drafters
+from ragspec.engine.budget import LatencyCurve, NodeBudget, load_or_measure_curve
 from ragspec.engine.loop import decode_steps
 from ragspec.engine.rag import RagPrompt, build_documents_prompt, build_rag_prompt
 from ragspec.engine.request import GenerationRequest, Piece, Prompt
 from ragspec.engine.text import TextAssembler
 from ragspec.errors import ConfigError, PromptTooLong
-from ragspec.models import LoadedModel, cache_dir, load_model
+from ragspec.models import LoadedModel, load_model
 from ragspec.types import SpecStats
 from ragspec.verify import KVPrefix, TreeVerifier
 from ragspec.verify.prefix_pool import DEFAULT_ENTRIES, PrefixPool
@@ -234,7 +233,7 @@ class Engine:
             prompt_ids = self.encode(rag.messages if rag else asked.prompt)
             self._check_fits(prompt_ids)
             use_spec = self.spec.enabled if asked.speculative is None else asked.speculative
-            drafters = self._request_drafters(index, rag) if use_spec else []
+            drafters = self._request_drafters(asked, prompt_ids, index, rag) if use_spec else []
         run = _Request(prompt_ids, asked.sampling, asked.max_new_tokens, list(asked.stop), drafters, rag)
         return TextStream(lambda outcome: self._run(run, outcome), prompt_tokens=len(prompt_ids))
 
@@ -255,53 +254,20 @@ class Engine:
                 f"context: shorten the prompt (or retrieve fewer chunks) to under {limit} tokens"
             )
 
-    def _request_drafters(self, index, rag: RagPrompt | None) -> list[Drafter]:
+    def _request_drafters(self, asked: GenerationRequest, prompt_ids: list[int], index,
+                          rag: RagPrompt | None) -> list[Drafter]:
         """`index`: the request's opened Index, or None."""
         if self.drafter_factories:
             return [d for factory in self.drafter_factories for d in factory(self)]
-        names, drafters = self.spec.drafters, []
-        if "context" in names:
-            drafters.append(ContextSuffixDrafter(self.spec, self._shared_item("context-estimate", new_match_estimate)))
-        if "past" in names:
-            drafters.append(self._past_drafter(index if self.spec.past_scope == "index" else None))
-        if "recycling" in names:
-            drafters.append(self._shared_item("recycling", self._new_recycling_drafter))
-        if "datastore" in names and rag is not None:
-            from ragspec.drafting.datastore import DatastoreDrafter
+        request = DraftRequest(self, prompt_ids, asked.sampling, index, rag)
+        return build_drafters(self.spec.drafters, request, self.spec.options)
 
-            estimate = self._shared_item("datastore-estimate", new_match_estimate)
-            if rag.datastore is not None:  # documents given with the request: all of them
-                drafters.append(DatastoreDrafter(rag.datastore, None, self.spec, estimate))
-            else:
-                scope = rag.token_ranges if self.spec.datastore_scope == "retrieved" else None
-                drafters.append(DatastoreDrafter(index.datastore, scope, self.spec, estimate))
-        return drafters
-
-    def _shared_item(self, key: str, make: Callable[[], object]):
+    def shared_state(self, key: str, make: Callable[[], object]):
+        """The object stored under `key` for this engine's lifetime, made by `make` on first use
+        (drafters and estimates that outlive a request)."""
         if key not in self._shared:
             self._shared[key] = make()
         return self._shared[key]
-
-    def _past_drafter(self, index):
-        """The past-responses store of the opened `index` (None: the one for requests without one)."""
-        from ragspec.drafting.past_responses import PastResponsesDrafter
-        from ragspec.index.store import PAST_RESPONSES_FILE
-
-        path = index.path if index is not None else None
-        state = path / PAST_RESPONSES_FILE if path is not None and self.persist_state else None
-
-        def make() -> PastResponsesDrafter:
-            return PastResponsesDrafter(self.spec, state_path=state, vocab_size=int(self.target.model.config.vocab_size))
-
-        return self._shared_item(f"past:{path or ''}", make)
-
-    def _new_recycling_drafter(self):
-        from ragspec.drafting.recycling import TokenRecyclingDrafter
-
-        # keyed by the model's identity (its files, or its weights), not its folder's name
-        target = self.target
-        state = cache_dir() / "recycling" / f"{target.name}-{target.identity}-{target.tokenizer_fingerprint}.npy"
-        return TokenRecyclingDrafter(int(self.target.model.config.vocab_size), state if self.persist_state else None)
 
     def _run(self, request: _Request, outcome: _Outcome) -> Iterator[Piece]:
         """The request's pieces. However it ends (finished, closed, dropped, an exception), the

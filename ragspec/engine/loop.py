@@ -10,12 +10,11 @@ import torch
 
 from ragspec.config import SamplingConfig
 from ragspec.drafting.base import DraftContext, Drafter
-from ragspec.drafting.budget import NodeBudget
-from ragspec.drafting.suffix_index import TokenBuffer
 from ragspec.drafting.tree import fuse
+from ragspec.engine.budget import NodeBudget
 from ragspec.engine.request import TARGET_SOURCE
 from ragspec.sampling import accept_greedy, accept_sampled
-from ragspec.types import DraftTree, SpecStats, StepResult
+from ragspec.types import DraftTree, SpecStats, StepResult, TokenBuffer
 from ragspec.verify import TreeVerifier
 
 

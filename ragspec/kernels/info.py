@@ -15,7 +15,7 @@ from ragspec.kernels import probe
 from ragspec.kernels.select import KernelPlan
 
 if TYPE_CHECKING:
-    from ragspec.drafting.budget import LatencyCurve
+    from ragspec.engine.budget import LatencyCurve
 
 
 @dataclass
@@ -39,7 +39,7 @@ class RuntimeInfo:
 
 def runtime_info(target) -> RuntimeInfo:
     """The report for a LoadedModel (see `ragspec.load_model`)."""
-    from ragspec.drafting.budget import read_curve
+    from ragspec.engine.budget import read_curve
     from ragspec.models import cache_dir
 
     curve_path = cache_dir() / "latency" / f"{target.fingerprint}.json"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ragspec.verify.verifier import KVPrefix, common_prefix_length
+from ragspec.kvcache import common_prefix_length
+from ragspec.verify.verifier import KVPrefix
 
 DEFAULT_ENTRIES = 4
 DEFAULT_TOKENS = 16_384  # cached tokens in all entries together; the embedded model in bf16 holds

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ragspec import kvcache
 from ragspec.models import LoadedModel
 from ragspec.types import AcceptResult, DraftTree, VerifyOutput
 from ragspec.verify.tree_attention import layer_windows, tree_attention_masks, tree_position_ids
@@ -27,14 +28,9 @@ class KVPrefix:
     def head(self, length: int) -> "KVPrefix | None":
         """A copy of the first `length` rows (this prefix stays as it is); None for caches that
         cannot be cut (layers other than attention, e.g. a linear-attention or SSM state)."""
-        from transformers import DynamicCache
-
-        if not _croppable(self.cache):
+        if not kvcache.croppable(self.cache):
             return None
-        copy = DynamicCache()
-        for index, layer in enumerate(self.cache.layers):
-            copy.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)  # update copies
-        return KVPrefix(token_ids=self.token_ids[:length], cache=copy)
+        return KVPrefix(token_ids=self.token_ids[:length], cache=kvcache.copy_prefix(self.cache, length))
 
 
 class TreeVerifier:
@@ -47,10 +43,10 @@ class TreeVerifier:
     def __init__(self, target: LoadedModel, prefix: KVPrefix | None = None):
         self.target = target
         self.windows = layer_windows(target.model.config)
-        if prefix is not None and _croppable(prefix.cache):  # handed over: the caller keeps no copy
+        if prefix is not None and kvcache.croppable(prefix.cache):  # handed over: the caller keeps no copy
             self.cache, self.cached_ids = prefix.cache, prefix.token_ids
         else:
-            self.cache, self.cached_ids = full_attention_cache(target.model.config), []
+            self.cache, self.cached_ids = kvcache.new_cache(target.model.config), []
         self._pending_token: int | None = None  # the last verify's first row
 
     @property
@@ -86,9 +82,8 @@ class TreeVerifier:
 
     def _reuse_prefix(self, token_ids: list[int]) -> int:
         """Keep the cached rows `token_ids` starts with, drop the rest; return how many were kept."""
-        shared = common_prefix_length(self.cached_ids, token_ids)
-        if self.cache.get_seq_length() > shared:
-            self.cache.crop(shared - self.cache.get_seq_length())
+        shared = kvcache.common_prefix_length(self.cached_ids, token_ids)
+        kvcache.crop(self.cache, shared)
         return shared
 
     def export_prefix(self) -> KVPrefix:
@@ -124,44 +119,11 @@ class TreeVerifier:
     def commit(self, accept: AcceptResult) -> None:
         """Keep the pending token's KV and the accepted nodes' KV; drop the other branches."""
         base = self.past_length + 1  # cache rows: committed, pending, then tree nodes
-        kept = len(accept.accepted_nodes)
-        source_rows = base + np.asarray(accept.accepted_nodes, dtype=np.int64)
-        if kept and not np.array_equal(source_rows, np.arange(base, base + kept)):
-            index = torch.as_tensor(source_rows, device=self.target.device)
-            for layer in self.cache.layers:
-                layer.keys[:, :, base : base + kept] = layer.keys.index_select(2, index)
-                layer.values[:, :, base : base + kept] = layer.values.index_select(2, index)
+        kvcache.keep_rows(self.cache, base, base + np.asarray(accept.accepted_nodes, dtype=np.int64))
         self.cached_ids += [self._pending_token, *accept.accepted_tokens]  # past_length = base + kept
-        self.discard()
 
     def discard(self) -> None:
         """Drop cache rows past the committed tokens (an unused verify, or a rejected tree)."""
-        surplus = self.cache.get_seq_length() - self.past_length
-        if surplus > 0:
-            self.cache.crop(-surplus)
+        kvcache.crop(self.cache, self.past_length)
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    differs = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(differs[0]) if len(differs) else n
-
-
-def full_attention_cache(config):
-    """A DynamicCache for `config` whose sliding-window layers keep all rows like the others (the
-    attention masks apply the window), so that rejected tree rows can be cropped away."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-
-    cache = DynamicCache(config=config)
-    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
-    return cache
-
-
-def _croppable(cache) -> bool:
-    """Attention layers that keep every row can be cut back to a shorter prefix."""
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in cache.layers)

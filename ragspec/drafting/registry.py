@@ -1,0 +1,124 @@
+"""Every drafter ragspec can run, by name: the one place a new drafter is added.
+
+An entry is a factory, called once per request with a `DraftRequest`, and the drafter's own
+config dataclass (None for drafters whose knobs are SpecConfig's shared suffix-match ones).
+`SpecConfig.drafters` names the entries a request runs; `SpecConfig.options` holds config
+instances (the default instance of an entry's config type otherwise). The lossless tests are
+parametrised over this table, so a drafter is tested the day it is registered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ragspec.config import SamplingConfig
+    from ragspec.drafting.base import Drafter
+    from ragspec.engine import Engine
+    from ragspec.engine.rag import RagPrompt
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """What a drafter factory may read about the request being set up."""
+
+    engine: Engine  # the target (engine.target), the SpecConfig, state shared across requests
+    prompt_ids: list[int]  # [prompt tokens]
+    sampling: SamplingConfig
+    index: Any = None  # the request's opened Index, or None
+    rag: RagPrompt | None = None  # its retrieved chunks (index or documents), or None
+
+
+DrafterFactoryFn = Callable[[DraftRequest, Any], "Drafter | None"]  # (request, config) -> drafter, None: skip
+
+
+@dataclass(frozen=True)
+class DrafterEntry:
+    factory: DrafterFactoryFn
+    config_type: type | None = None  # the drafter's own config dataclass
+    default: bool = True  # runs unless SpecConfig.drafters says otherwise
+    summary: str = ""
+
+
+def _context(request: DraftRequest, _config) -> Drafter:
+    from ragspec.drafting.context_suffix import ContextSuffixDrafter
+    from ragspec.drafting.continuations import new_match_estimate
+
+    engine = request.engine
+    return ContextSuffixDrafter(engine.spec, engine.shared_state("context-estimate", new_match_estimate))
+
+
+def _past(request: DraftRequest, _config) -> Drafter:
+    """The past-responses store of the request's index (or the one for requests without one)."""
+    from ragspec.drafting.past_responses import PastResponsesDrafter
+    from ragspec.index.store import PAST_RESPONSES_FILE
+
+    engine = request.engine
+    index = request.index if engine.spec.past_scope == "index" else None
+    path = index.path if index is not None else None
+    state = path / PAST_RESPONSES_FILE if path is not None and engine.persist_state else None
+
+    def make() -> PastResponsesDrafter:
+        return PastResponsesDrafter(engine.spec, state_path=state, vocab_size=int(engine.target.model.config.vocab_size))
+
+    return engine.shared_state(f"past:{path or ''}", make)
+
+
+def _recycling(request: DraftRequest, _config) -> Drafter:
+    from ragspec.drafting.recycling import TokenRecyclingDrafter
+    from ragspec.models import cache_dir
+
+    engine, target = request.engine, request.engine.target
+
+    def make() -> TokenRecyclingDrafter:
+        # keyed by the model's identity (its files, or its weights), not its folder's name
+        state = cache_dir() / "recycling" / f"{target.name}-{target.identity}-{target.tokenizer_fingerprint}.npy"
+        return TokenRecyclingDrafter(int(target.model.config.vocab_size), state if engine.persist_state else None)
+
+    return engine.shared_state("recycling", make)
+
+
+def _datastore(request: DraftRequest, _config) -> Drafter | None:
+    from ragspec.drafting.continuations import new_match_estimate
+    from ragspec.drafting.datastore import DatastoreDrafter
+
+    rag, engine = request.rag, request.engine
+    if rag is None:
+        return None
+    estimate = engine.shared_state("datastore-estimate", new_match_estimate)
+    if rag.datastore is not None:  # documents given with the request: all of them
+        return DatastoreDrafter(rag.datastore, None, engine.spec, estimate)
+    scope = rag.token_ranges if engine.spec.datastore_scope == "retrieved" else None
+    return DatastoreDrafter(request.index.datastore, scope, engine.spec, estimate)
+
+
+REGISTRY: dict[str, DrafterEntry] = {
+    "context": DrafterEntry(_context, summary="suffix matches in this request's prompt and output"),
+    "past": DrafterEntry(_past, summary="earlier answers (per index, or global)"),
+    "recycling": DrafterEntry(_recycling, summary="the target's own earlier top-k successors"),
+    "datastore": DrafterEntry(_datastore, summary="the index's token datastore (RAG requests)"),
+}
+
+
+def default_drafters() -> tuple[str, ...]:
+    return tuple(name for name, entry in REGISTRY.items() if entry.default)
+
+
+def build_drafters(names, request: DraftRequest, options: tuple = ()) -> list[Drafter]:
+    """The drafters `names` make for `request`; `options`: config instances (SpecConfig.options)."""
+    drafters = []
+    for name in names:
+        entry = REGISTRY[name]
+        drafter = entry.factory(request, config_for(entry, options))
+        if drafter is not None:
+            drafters.append(drafter)
+    return drafters
+
+
+def config_for(entry: DrafterEntry, options: tuple):
+    """The instance of the entry's config type in `options`, else its default one."""
+    if entry.config_type is None:
+        return None
+    return next((option for option in options if type(option) is entry.config_type), None) or entry.config_type()
