@@ -202,9 +202,11 @@ def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_f
 
 def _attach_subcommands() -> None:
     from ragspec.bench.cli import bench_command
+    from ragspec.draft_cli import draft_group
     from ragspec.index_cli import index_group
 
     main.add_command(bench_command, name="bench")
+    main.add_command(draft_group, name="draft")
     main.add_command(index_group, name="index")
 
 
