@@ -15,18 +15,24 @@ from ragspec.bench.options import (
     FULL_LIMIT,
     BenchOptions,
 )
-from ragspec.bench.peers import DEFAULT_METHODS
-from ragspec.bench.workloads import DEFAULT_WORKLOADS, FULL_WORKLOADS
+from ragspec.bench.peers import ALL_METHODS, DEFAULT_METHODS
+from ragspec.bench.workloads import DEFAULT_WORKLOADS, FULL_WORKLOADS, SPEC_BENCH_CATEGORIES
 from ragspec.cli_support import library_errors
 
 
 @click.command("bench")
 @click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True, help="Shared evaluation data.")
 @click.option("--workload", "workloads", multiple=True,
-              help="spec_bench:<category>, mt_redundant, longdoc:<set>, jsonl:<path>, rag:spec_bench "
-                   "or rag:longdoc:<set> (repeatable).")
+              help="spec_bench:<category>, spec_bench:all (its 13 categories), mt_redundant, longdoc:<set>, "
+                   "jsonl:<path>, rag:spec_bench or rag:longdoc:<set> (repeatable).")
 @click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
-              help="Comma-separated: ragspec-ar, ragspec, hf-greedy, hf-pld, llamacpp-greedy.")
+              help=f"Comma-separated: {', '.join(ALL_METHODS)}.")
+@click.option("--draft-model", default=None,
+              help="Draft model (HF directory, .gguf, or 'auto': the one trained here for the embedded target); "
+                   "`ragspec` then fuses it with the retrieval drafters, and ragspec-model / hf-assisted use it.")
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="Sample at this temperature (every method); 0 is greedy and compares outputs.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Sampling seed.")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help=f"Prompts per workload [default: {DEFAULT_LIMIT}, {FULL_LIMIT} with --full].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
@@ -44,8 +50,8 @@ from ragspec.cli_support import library_errors
               help="All Spec-Bench categories, mt_redundant, long documents, RAG workloads and both experiments.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @library_errors
-def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_context_tokens, dtype, model,
-                  json_path, experiments, full, no_plots) -> None:
+def bench_command(data_dir, workloads, methods, draft_model, temperature, seed, limit, max_new_tokens,
+                  max_context_tokens, dtype, model, json_path, experiments, full, no_plots) -> None:
     """Benchmark ragspec against plain decoding and transformers' generate on real prompts.
 
     Example: ragspec bench --workload rag:spec_bench --limit 2 --max-new-tokens 64 --experiment past-twice
@@ -54,7 +60,7 @@ def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_conte
 
     _log_progress_to_stderr()
     options = BenchOptions(
-        workloads=tuple(workloads) or (FULL_WORKLOADS if full else DEFAULT_WORKLOADS),
+        workloads=expand_workloads(workloads) or (FULL_WORKLOADS if full else DEFAULT_WORKLOADS),
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         data_dir=data_dir,
         limit=limit or (FULL_LIMIT if full else DEFAULT_LIMIT),
@@ -66,6 +72,9 @@ def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_conte
         plots=not no_plots,
         experiments=tuple(experiments) or (EXPERIMENTS if full else ()),
         experiment_limit=limit,  # an explicit --limit also sizes the experiments
+        draft_model=draft_model,
+        temperature=temperature,
+        seed=seed,
     )
     report = run_benchmark(options)
     for name, entry in report["summary"].items():
@@ -75,6 +84,14 @@ def bench_command(data_dir, workloads, methods, limit, max_new_tokens, max_conte
     for line in _experiment_summary(report.get("experiments") or {}):
         click.echo(line)
     click.echo(f"report: {json_path}")
+
+
+def expand_workloads(names) -> tuple[str, ...]:
+    """`spec_bench:all` stands for every Spec-Bench category."""
+    expanded = []
+    for name in names:
+        expanded += [f"spec_bench:{c}" for c in SPEC_BENCH_CATEGORIES] if name == "spec_bench:all" else [name]
+    return tuple(dict.fromkeys(expanded))
 
 
 def _experiment_summary(experiments: dict) -> list[str]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ragspec.bench.peers import DEFAULT_METHODS
 from ragspec.bench.workloads import DEFAULT_WORKLOADS
+from ragspec.config import SamplingConfig
 from ragspec.errors import ConfigError
 
 EXPERIMENT_NAMES = ("past-twice", "drafter-ablation")
@@ -30,6 +31,10 @@ class BenchOptions:
     warmup: bool = True
     experiments: tuple[str, ...] = ()  # "past-twice", "drafter-ablation"; run after the workloads
     experiment_limit: int | None = None  # questions; None: 10 for past-twice, `limit` per ablation category
+    draft_model: str | None = None  # a draft model's path, or "auto" (trained here for the embedded
+    # target); with one, `ragspec` fuses it with the retrieval drafters and ragspec-model/hf-assisted run
+    temperature: float = 0.0  # > 0: every method samples (outputs are then not compared)
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -41,5 +46,6 @@ class BenchOptions:
         unknown = [name for name in self.experiments if name not in EXPERIMENT_NAMES]
         if unknown:
             raise ConfigError(f"unknown experiment {unknown[0]!r}: use {' or '.join(EXPERIMENT_NAMES)}")
+        SamplingConfig(temperature=self.temperature, seed=self.seed)  # checks both
         if self.experiment_limit is not None and self.experiment_limit < 1:
             raise ConfigError(f"experiment_limit must be >= 1, got {self.experiment_limit}")

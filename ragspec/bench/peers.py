@@ -1,12 +1,19 @@
-"""The decoding methods a benchmark compares, all greedy, all on the same loaded model.
+"""The decoding methods a benchmark compares, all on the same loaded model, greedy unless the run
+samples (then every method samples at the run's temperature, and outputs are not compared).
 
   ragspec-ar       ragspec's own loop with speculation off (the reference output)
-  ragspec          ragspec with speculation on
+  ragspec          ragspec with speculation on: every default drafter, plus the draft model
+                   when the run has one (the fused engine)
+  ragspec-model    ragspec with the draft-model drafter only (needs a draft model)
+  ragspec-self     ragspec with the layer-skipping self-drafter only
   hf-greedy        transformers `model.generate(do_sample=False)`
   hf-pld           transformers prompt lookup decoding (`prompt_lookup_num_tokens=10`)
-                   (both with transformers' stock SDPA attention and nn.Linear, as a user's HF
-                   setup runs them; the ragspec methods use the kernels ragspec loads models with,
-                   so ragspec-ar vs hf-greedy shows what those kernels and the loop are worth)
+  hf-assisted      transformers assisted generation with the run's draft model
+  hf-early-exit    transformers' early-exit self-speculation (`assistant_early_exit`: the first
+                   half of the target's layers draft)
+                   (the hf-* methods run with transformers' stock SDPA attention and nn.Linear, as
+                   a user's HF setup runs them; the ragspec methods use the kernels ragspec loads
+                   models with, so ragspec-ar vs hf-greedy shows what those kernels and the loop are worth)
   llamacpp-greedy  llama.cpp on the GGUF file, only when `llama_cpp` is importable
                    (its quantised kernels differ numerically, so identical output is not expected)
 
@@ -24,7 +31,7 @@ import contextlib
 import importlib.util
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -34,12 +41,14 @@ from ragspec.config import SpecConfig
 from ragspec.engine import Engine, Generation
 from ragspec.errors import ConfigError
 from ragspec.kernels.linear import unpacked
-from ragspec.models import EMBEDDED_MODEL, embedded_model_path
+from ragspec.models import EMBEDDED_MODEL, LoadedModel, embedded_model_path
 from ragspec.types import SpecStats
 
 REFERENCE_METHOD = "ragspec-ar"
 SPECULATIVE_METHOD = "ragspec"
 DEFAULT_METHODS = ("ragspec-ar", "ragspec", "hf-greedy", "hf-pld")
+MODEL_DRAFT_METHODS = ("ragspec-model", "hf-assisted")  # need a draft model
+ALL_METHODS = (*DEFAULT_METHODS, "ragspec-model", "ragspec-self", "hf-assisted", "hf-early-exit", "llamacpp-greedy")
 PLD_NUM_TOKENS = 10
 STOCK_ATTENTION = "sdpa"
 
@@ -79,15 +88,25 @@ class Method(Protocol):
             rag: RagContext | None = None) -> MethodOutput: ...
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How every method of a run picks tokens: greedy (temperature 0), or sampling with a seed."""
+
+    temperature: float = 0.0
+    seed: int = 0
+
+
 @dataclass
 class EngineMethod:
     name: str
     engine: Engine
     speculative: bool
+    sampling: Sampling = Sampling()
 
     def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int,
             rag: RagContext | None = None) -> MethodOutput:
-        options = {"max_new_tokens": max_new_tokens, "speculative": self.speculative}
+        options = {"max_new_tokens": max_new_tokens, "speculative": self.speculative,
+                   "temperature": self.sampling.temperature, "seed": self.sampling.seed}
         self._set_prefix_cache(messages, rag)
         start = time.perf_counter()
         if rag is None:
@@ -124,24 +143,33 @@ class HFGenerateMethod:
 
     name: str
     engine: Engine
-    prompt_lookup_num_tokens: int | None = None
+    sampling: Sampling = Sampling()
+    extra: dict = field(default_factory=dict)  # generate() options: prompt lookup, early exit
+    assistant: torch.nn.Module | None = None  # assisted generation's draft model
 
     @torch.inference_mode()
     def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int,
             rag: RagContext | None = None) -> MethodOutput:
         target = self.engine.target
         input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=target.device)
-        extra = {}
-        if self.prompt_lookup_num_tokens:
-            extra["prompt_lookup_num_tokens"] = self.prompt_lookup_num_tokens
+        extra = dict(self.extra)
+        if self.assistant is not None:
+            extra["assistant_model"] = self.assistant
+        if self.sampling.temperature > 0:
+            torch.manual_seed(self.sampling.seed)
+            extra.update(do_sample=True, temperature=self.sampling.temperature, top_k=0, top_p=1.0)
+        else:
+            extra["do_sample"] = False
         eos = sorted(target.eos_token_ids)
-        with stock_kernels(target.model):
+        with contextlib.ExitStack() as stack:
+            for model in (target.model, self.assistant):
+                if model is not None:
+                    stack.enter_context(stock_kernels(model))
             start = time.perf_counter()
             output = target.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 pad_token_id=eos[0] if eos else None,
                 **extra,
             )
@@ -195,24 +223,50 @@ def llamacpp_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def build_methods(names: Sequence[str], engine: Engine, model_path: str | None, n_ctx: int) -> list[Method]:
+@dataclass(frozen=True)
+class MethodSetup:
+    """What building the methods needs besides their names and the engine."""
+
+    model_path: str | None  # the target's path (llama.cpp reads the GGUF file)
+    draft: LoadedModel | None = None  # the run's draft model, if any
+    sampling: Sampling = Sampling()
+
+
+def build_methods(names: Sequence[str], engine: Engine, setup: MethodSetup) -> list[Method]:
     """Methods by name, the reference `ragspec-ar` always first."""
     ordered = [REFERENCE_METHOD, *(n for n in dict.fromkeys(names) if n != REFERENCE_METHOD)]
-    return [_build_method(name, engine, model_path, n_ctx) for name in ordered]
+    return [_build_method(name, engine, setup) for name in ordered]
 
 
-def _build_method(name: str, engine: Engine, model_path: str | None, n_ctx: int) -> Method:
+def _build_method(name: str, engine: Engine, setup: MethodSetup) -> Method:
+    sampling = setup.sampling
+    if name in MODEL_DRAFT_METHODS and setup.draft is None:
+        raise ConfigError(f"method {name} needs a draft model: pass --draft-model PATH (or auto)")
     if name in (REFERENCE_METHOD, SPECULATIVE_METHOD):
-        return EngineMethod(name, engine, speculative=name == SPECULATIVE_METHOD)
+        return EngineMethod(name, engine, name == SPECULATIVE_METHOD, sampling)
+    if name == "ragspec-model":
+        return EngineMethod(name, fresh_engine(engine, model_draft_spec(setup.draft, ())), True, sampling)
+    if name == "ragspec-self":
+        return EngineMethod(name, fresh_engine(engine, SpecConfig(drafters=("self",))), True, sampling)
     if name == "hf-greedy":
-        return HFGenerateMethod(name, engine)
+        return HFGenerateMethod(name, engine, sampling)
     if name == "hf-pld":
-        return HFGenerateMethod(name, engine, prompt_lookup_num_tokens=PLD_NUM_TOKENS)
+        return HFGenerateMethod(name, engine, sampling, {"prompt_lookup_num_tokens": PLD_NUM_TOKENS})
+    if name == "hf-assisted":
+        return HFGenerateMethod(name, engine, sampling, assistant=setup.draft.model)
+    if name == "hf-early-exit":
+        layers = int(engine.target.model.config.num_hidden_layers)
+        return HFGenerateMethod(name, engine, sampling, {"assistant_early_exit": max(1, layers // 2)})
     if name == "llamacpp-greedy":
-        return _llamacpp_method(engine, model_path, n_ctx)
-    raise ConfigError(
-        f"unknown method {name!r}: use ragspec-ar, ragspec, hf-greedy, hf-pld or llamacpp-greedy"
-    )
+        return _llamacpp_method(engine, setup.model_path, engine.target.context_length)
+    raise ConfigError(f"unknown method {name!r}: use {', '.join(ALL_METHODS)}")
+
+
+def model_draft_spec(draft: LoadedModel, retrieval_drafters: Sequence[str]) -> SpecConfig:
+    """A SpecConfig running the draft model `draft`, fused with `retrieval_drafters`."""
+    from ragspec.drafting.model import ModelDraftConfig
+
+    return SpecConfig(drafters=(*retrieval_drafters, "model"), options=(ModelDraftConfig(model=draft),))
 
 
 def _llamacpp_method(engine: Engine, model_path: str | None, n_ctx: int) -> Method:

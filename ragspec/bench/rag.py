@@ -73,7 +73,7 @@ class RagRun:
         if self.engine.spec.datastore_scope == scope:
             return list(methods)
         engine = fresh_engine(self.engine, dataclasses.replace(self.engine.spec, datastore_scope=scope))
-        return [EngineMethod(m.name, engine, True) if m.name == SPECULATIVE_METHOD else m for m in methods]
+        return [EngineMethod(m.name, engine, True, m.sampling) if m.name == SPECULATIVE_METHOD else m for m in methods]
 
     def summary(self, outputs: dict[str, list[MethodOutput]]) -> dict:
         """The workload entry's "index" and "drafting" sections."""

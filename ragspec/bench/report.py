@@ -106,18 +106,25 @@ def _cpu_line(cpu: dict) -> str:
 
 
 def build_report(meta: RunMetadata, runs: list[WorkloadRun], experiments: dict | None = None) -> dict:
-    workloads = [summarize_workload(run, meta.dtype) for run in runs]
+    sampled = meta.options.get("temperature", 0.0) > 0
+    workloads = [summarize_workload(run, meta.dtype, sampled) for run in runs]
+    spec_bench = [w for w in workloads if w["name"].startswith("spec_bench:")]
     return {**asdict(meta), "divergence_note": DIVERGENCE_NOTE, "workloads": workloads,
-            "summary": summarize_methods(workloads), "experiments": experiments or {}}
+            "summary": summarize_methods(workloads),
+            # Spec-Bench's leaderboard row: every category's prompts together
+            "spec_bench_overall": {"categories": len(spec_bench), "methods": summarize_methods(spec_bench)}
+            if spec_bench else None,
+            "experiments": experiments or {}}
 
 
-def summarize_workload(run: WorkloadRun, dtype: str) -> dict:
+def summarize_workload(run: WorkloadRun, dtype: str, sampled: bool = False) -> dict:
+    """`sampled`: the run sampled, so outputs are not compared with ragspec-ar's."""
     methods = {name: _method_metrics(outs) for name, outs in run.outputs.items()}
     reference = run.outputs.get(REFERENCE_METHOD)
     for name, metrics in methods.items():
         metrics["speedup_vs_ragspec_ar"] = _ratio(metrics, methods.get(REFERENCE_METHOD))
         metrics["speedup_vs_hf_pld"] = _ratio(metrics, methods.get(PLD_METHOD))
-        if reference is None:
+        if reference is None or sampled:
             metrics["identical_outputs"] = None
             continue
         divergences = find_divergences(run.outputs[name], reference, run.request_ids, run.checks.get(name))
@@ -143,6 +150,8 @@ def _method_metrics(outputs: list[MethodOutput]) -> dict:
         "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
         "wall_s": wall_s,
         "num_generated_tokens": tokens,
+        "num_steps": steps if engine_stats else None,
+        "num_accepted_tokens": sum(s.num_accepted_tokens for s in stats) if engine_stats else None,
         "mean_acceptance_length": (
             (sum(s.num_accepted_tokens for s in stats) + steps) / steps if engine_stats and steps else None
         ),
@@ -212,7 +221,8 @@ def _add_counts(total: list[int], counts: list[int]) -> None:
 
 
 def summarize_methods(workloads: list[dict]) -> dict:
-    """Per method over all workloads: geometric-mean speedup, overall tok/s, all identical."""
+    """Per method over `workloads`: geometric-mean speedup, overall tok/s and mean acceptance
+    length (all prompts together), all identical."""
     summary: dict[str, dict] = {}
     names = dict.fromkeys(name for w in workloads for name in w["methods"])
     for name in names:
@@ -221,8 +231,12 @@ def summarize_methods(workloads: list[dict]) -> dict:
         tokens = sum(e["num_generated_tokens"] for e in entries)
         wall_s = sum(e["wall_s"] for e in entries)
         identical = [e["identical_outputs"] for e in entries]
+        steps = [e.get("num_steps") for e in entries]
+        accepted = sum(e.get("num_accepted_tokens") or 0 for e in entries)
         summary[name] = {
             "geomean_speedup_vs_ragspec_ar": _geomean(speedups),
+            "min_speedup_vs_ragspec_ar": min(speedups) if speedups else None,
+            "mean_acceptance_length": (accepted + sum(steps)) / sum(steps) if None not in steps and sum(steps) else None,
             "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
             "wall_s": wall_s,
             "identical_outputs": None if None in identical else all(identical),
@@ -262,7 +276,13 @@ def render_markdown(report: dict) -> str:
         "found in the prefix cache (earlier chat turns; engine methods only).",
         "",
     ]
-    if report["dtype"] != "float32":
+    options = report.get("options") or {}
+    if options.get("draft_model"):
+        lines += [f"Draft model: `{options['draft_model']}` (`ragspec` fuses it with the retrieval drafters).", ""]
+    if options.get("temperature", 0.0) > 0:
+        lines += [f"Every method samples at temperature {options['temperature']} (seed {options.get('seed', 0)}): "
+                  "outputs differ by design and are not compared.", ""]
+    elif report["dtype"] != "float32":
         lines += [f"In {report['dtype']} a method's output can leave ragspec-ar's at a near-tie (listed under "
                   "each table), so methods may compare different texts of different lengths: read tok/s with "
                   "the tokens column, and the fp32 report for exact comparisons.", ""]
@@ -274,13 +294,23 @@ def render_markdown(report: dict) -> str:
         if "copy_bound" in workload:
             lines += [copy_bound_line(workload), ""]
         lines += divergence_lines(workload)
-    lines += ["## Summary", "", "| method | geomean speedup vs ragspec-ar | tok/s overall | identical |",
-              "|---|---:|---:|---|"]
-    for name, entry in report["summary"].items():
-        lines.append(f"| {name} | {_fmt(entry['geomean_speedup_vs_ragspec_ar'], 'x')} | "
-                     f"{_fmt(entry['tokens_per_s'])} | {_fmt_bool(entry['identical_outputs'])} |")
+    lines += ["## Summary", "", *_summary_table(report["summary"])]
+    overall = report.get("spec_bench_overall")
+    if overall:
+        lines += ["", f"## Spec-Bench overall ({overall['categories']} categories, every prompt together)", "",
+                  *_summary_table(overall["methods"])]
     lines += experiment_lines(report.get("experiments") or {})
     return "\n".join(lines) + "\n"
+
+
+def _summary_table(methods: dict) -> list[str]:
+    rows = ["| method | geomean speedup vs ragspec-ar | lowest speedup | mean acceptance length | tok/s overall "
+            "| identical |", "|---|---:|---:|---:|---:|---|"]
+    for name, entry in methods.items():
+        rows.append(f"| {name} | {_fmt(entry['geomean_speedup_vs_ragspec_ar'], 'x')} | "
+                    f"{_fmt(entry.get('min_speedup_vs_ragspec_ar'), 'x')} | {_fmt(entry.get('mean_acceptance_length'))} | "
+                    f"{_fmt(entry['tokens_per_s'])} | {_fmt_bool(entry['identical_outputs'])} |")
+    return rows
 
 
 def rag_line(workload: dict) -> str:

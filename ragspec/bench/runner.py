@@ -26,8 +26,11 @@ from ragspec.bench.peers import (
     REFERENCE_METHOD,
     Method,
     MethodOutput,
+    MethodSetup,
     PreparedRequest,
+    Sampling,
     build_methods,
+    model_draft_spec,
 )
 from ragspec.bench.rag import RagRun
 from ragspec.bench.report import RunMetadata, WorkloadRun, build_report, write_report
@@ -38,6 +41,8 @@ from ragspec.bench.workloads import (
     load_workload,
     tokenizer_truncate,
 )
+from ragspec.config import SpecConfig
+from ragspec.drafting.registry import default_drafters
 from ragspec.engine import Engine
 from ragspec.engine.budget import measure_latency_curve
 from ragspec.errors import ConfigError
@@ -50,13 +55,14 @@ WARMUP_TOKENS = 8
 
 def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = None) -> dict:
     """Benchmark, write JSON + Markdown + plots under options.json_path, return the report."""
-    engine = _as_engine(engine, options)
+    engine, draft = _as_engine(engine, options)
     workloads = load_workloads(options, engine)
-    methods = build_methods(options.methods, engine, options.model, engine.target.context_length)
+    setup = MethodSetup(options.model, draft, Sampling(options.temperature, options.seed))
+    methods = build_methods(options.methods, engine, setup)
     if options.warmup:
         warm_up(methods, engine)
     meta, runs = RunMetadata.collect(engine, options), []
-    judge = None if meta.dtype == "float32" else fp32_judge(engine, options)
+    judge = None if meta.dtype == "float32" or options.temperature > 0 else fp32_judge(engine, options)
     with tempfile.TemporaryDirectory(prefix="ragspec-bench-indexes-") as index_home:  # RAG indexes, one a workload
         for workload in workloads:
             run = run_workload(workload, methods, engine, options.max_new_tokens, index_home)
@@ -72,18 +78,36 @@ def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = N
     return report
 
 
-def _as_engine(engine: Engine | LoadedModel | None, options: BenchOptions) -> Engine:
+def _as_engine(engine: Engine | LoadedModel | None, options: BenchOptions) -> tuple[Engine, LoadedModel | None]:
+    """The run's engine and draft model. With a draft model, `ragspec` fuses it with every default
+    drafter (an Engine passed in is used as given)."""
     if isinstance(engine, Engine):
-        return engine
+        return engine, load_draft_model(options.draft_model, engine.target)
+    target = engine if isinstance(engine, LoadedModel) else _load_target(options)
+    draft = load_draft_model(options.draft_model, target)
+    spec = model_draft_spec(draft, default_drafters()) if draft is not None else SpecConfig()
     if isinstance(engine, LoadedModel):
-        return Engine(engine, persist_state=False)
-    log.info("loading model %s (dtype %s)", options.model or "embedded", options.dtype or "auto")
-    target = load_model(options.model, dtype=options.dtype)
+        return Engine(engine, spec=spec, persist_state=False), draft
     # A fresh curve, not the cache: a curve profiled while the machine was busy would skew the run.
     log.info("profiling the verify-latency curve")
     curve = measure_latency_curve(target)
     # Learned drafter state starts cold and stays off disk, so runs do not feed each other.
-    return Engine(target, latency_curve=curve, persist_state=False)
+    return Engine(target, spec=spec, latency_curve=curve, persist_state=False), draft
+
+
+def _load_target(options: BenchOptions) -> LoadedModel:
+    log.info("loading model %s (dtype %s)", options.model or "embedded", options.dtype or "auto")
+    return load_model(options.model, dtype=options.dtype)
+
+
+def load_draft_model(path: str | None, target: LoadedModel) -> LoadedModel | None:
+    """The draft model at `path` ("auto": the one trained here for the target, trained first if
+    missing), in the target's dtype on its device; None without a path."""
+    if path is None:
+        return None
+    from ragspec.drafting.model import load_draft_model as load
+
+    return load(path, target)
 
 
 def fp32_judge(engine: Engine, options: BenchOptions) -> Fp32Judge:
