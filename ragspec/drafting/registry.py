@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ragspec.drafting.model import ModelDraftConfig
+
 if TYPE_CHECKING:
     from ragspec.config import SamplingConfig
     from ragspec.drafting.base import Drafter
@@ -94,11 +96,19 @@ def _datastore(request: DraftRequest, _config) -> Drafter | None:
     return DatastoreDrafter(request.index.datastore, scope, engine.spec, estimate)
 
 
+def _model(request: DraftRequest, config) -> Drafter:
+    from ragspec.drafting.model import build_model_drafter
+
+    return build_model_drafter(request, config)
+
+
 REGISTRY: dict[str, DrafterEntry] = {
     "context": DrafterEntry(_context, summary="suffix matches in this request's prompt and output"),
     "past": DrafterEntry(_past, summary="earlier answers (per index, or global)"),
     "recycling": DrafterEntry(_recycling, summary="the target's own earlier top-k successors"),
     "datastore": DrafterEntry(_datastore, summary="the index's token datastore (RAG requests)"),
+    "model": DrafterEntry(_model, ModelDraftConfig, default=False,
+                          summary="a small draft model with the target's tokenizer (dynamic tree)"),
 }
 
 
