@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ragspec.drafting.layer_skip import SelfDraftConfig
 from ragspec.drafting.model import ModelDraftConfig
 
 if TYPE_CHECKING:
@@ -102,6 +103,12 @@ def _model(request: DraftRequest, config) -> Drafter:
     return build_model_drafter(request, config)
 
 
+def _self(request: DraftRequest, config) -> Drafter:
+    from ragspec.drafting.layer_skip import build_self_drafter
+
+    return build_self_drafter(request, config)
+
+
 REGISTRY: dict[str, DrafterEntry] = {
     "context": DrafterEntry(_context, summary="suffix matches in this request's prompt and output"),
     "past": DrafterEntry(_past, summary="earlier answers (per index, or global)"),
@@ -109,6 +116,8 @@ REGISTRY: dict[str, DrafterEntry] = {
     "datastore": DrafterEntry(_datastore, summary="the index's token datastore (RAG requests)"),
     "model": DrafterEntry(_model, ModelDraftConfig, default=False,
                           summary="a small draft model with the target's tokenizer (dynamic tree)"),
+    "self": DrafterEntry(_self, SelfDraftConfig, default=False,
+                         summary="the target with some layers skipped (calibrated, no training)"),
 }
 
 
