@@ -3,18 +3,49 @@
 Greedy: follow the child whose token is the target's argmax; stop at the first miss. The result
 is bit-identical to plain greedy decoding whenever the tree logits equal token-by-token logits.
 
-Sampling: at each node draw one token from the processed target distribution; if a child carries
-it, move there and draw again, else emit it and stop. Every emitted token is then an exact sample
-of the target given its prefix, whatever the tree: lossless for drafts without draft probabilities.
+Sampling, trees without model draws: at each node draw one token from the processed target
+distribution p; if a child carries it, move there and draw again, else emit it and stop. Every
+emitted token is then an exact sample of p given its prefix, whatever the tree. (This is
+recursive rejection over point masses: a point-mass candidate c is accepted with probability
+p(c), and after a rejection the residual is p with c zeroed and renormalised.)
+
+Sampling, nodes with model draws (`DraftTree.draws`: tokens a model drew at random, without
+replacement, from its distribution q): SpecInfer / Sequoia recursive rejection, after the point
+masses. At a node, with p = the target's distribution there:
+  1. point masses (the node's deterministic children): draw y ~ p and move to the child carrying
+     y; otherwise p <- p with those children's tokens zeroed, renormalised (y is discarded);
+  2. each drawn token x_i, in draw order, was drawn from q_i = q without x_0..x_{i-1},
+     renormalised: accept it with probability min(1, p(x_i) / q_i(x_i)) (move to its node, or,
+     if pruning removed the node, emit it as the step's last token); on rejection
+     p <- normalise(max(p - q_i, 0)). Several ModelDraws at one node are taken one after another;
+  3. nothing accepted: emit a bonus token drawn from the final p.
+Why the emitted token is distributed as the node's target p: by induction from the last stage.
+If whatever follows a rejection at stage i emits a sample of p_{i+1} = normalise(max(p_i - q_i,
+0)), stage i emits x with probability q_i(x) min(1, p_i(x)/q_i(x)) = min(q_i, p_i)(x), and after
+a rejection (probability 1 - sum min(q_i, p_i) = sum max(p_i - q_i, 0)) a sample of p_{i+1}: in
+total min(q_i, p_i) + max(p_i - q_i, 0) = p_i. A point mass is the case q_i = one-hot. The
+argument conditions on every earlier draw and coin, so q_i may depend on earlier candidates, as
+long as x_i, given all that, really is a sample of q_i (draws without replacement are), and p
+after a rejection depends on x_i's distribution, never on x_i itself, so mixing over x_i is
+harmless. Deeper nodes repeat this with their own rows: the emitted sequence is plain sampling.
+
+Precondition for exactness (the drafters' and the pruner's side of the contract): which point
+masses and draws a node has must not depend on the outcome of that node's own random draws
+beyond what `draws` records, e.g. a budget that drops a retrieval node *because* a model's draw
+scored higher conditions the draws on that event.
+
+The arithmetic of the residuals runs in float64 on the CPU (the target row is moved once).
+Trees without draws take exactly the old code path, so seeded outputs do not change.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ragspec.config import SamplingConfig
 from ragspec.sampling.logits import target_probs
-from ragspec.types import ROOT, AcceptResult, DraftTree
+from ragspec.types import ROOT, AcceptResult, DraftTree, ModelDraws
 
 
 def children_by_parent(tree: DraftTree) -> dict[int, dict[int, int]]:
@@ -22,6 +53,16 @@ def children_by_parent(tree: DraftTree) -> dict[int, dict[int, int]]:
     children: dict[int, dict[int, int]] = {}
     for node, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
         children.setdefault(parent, {}).setdefault(token, node)
+    return children
+
+
+def point_masses_by_parent(tree: DraftTree) -> dict[int, dict[int, int]]:
+    """Like `children_by_parent`, deterministic children only (the first per token)."""
+    children: dict[int, dict[int, int]] = {}
+    columns = zip(tree.token_ids.tolist(), tree.parents.tolist(), tree.is_deterministic().tolist())
+    for node, (token, parent, deterministic) in enumerate(columns):
+        if deterministic:
+            children.setdefault(parent, {}).setdefault(token, node)
     return children
 
 
@@ -34,6 +75,10 @@ def accept_greedy(tree: DraftTree, logits: torch.Tensor) -> AcceptResult:
 def accept_sampled(
     tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
 ) -> AcceptResult:
+    """logits: [1 + num_nodes, vocab], row 0 for the pending token. Lossless: see the module doc."""
+    if tree.draws:
+        return _walk_with_draws(tree, logits, sampling, generator)
+
     def draw(row: int) -> int:
         probs = target_probs(logits[row : row + 1], sampling).cpu()  # the generator lives on the CPU
         return int(torch.multinomial(probs, 1, generator=generator).item())
@@ -53,3 +98,67 @@ def _walk(tree: DraftTree, next_token) -> AcceptResult:
         nodes.append(child)
         tokens.append(token)
         node = child
+
+
+def _walk_with_draws(
+    tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
+) -> AcceptResult:
+    """The walk of the module doc: point masses, then model draws, then a bonus, at each node."""
+    children = children_by_parent(tree)
+    point_masses = point_masses_by_parent(tree)
+    node, nodes, tokens = ROOT, [], []
+    while True:
+        probs = target_probs(logits[node + 1 : node + 2], sampling).cpu()  # [1, vocab] float32
+        token = _sample_node(probs, point_masses.get(node, {}), tree.draws.get(node, ()), generator)
+        child = children.get(node, {}).get(token)
+        if child is None:
+            return AcceptResult(accepted_nodes=nodes, accepted_tokens=tokens, bonus_token=token)
+        nodes.append(child)
+        tokens.append(token)
+        node = child
+
+
+def _sample_node(
+    probs: torch.Tensor, point_masses: dict[int, int], draws: tuple[ModelDraws, ...], generator: torch.Generator
+) -> int:
+    """One exact sample of `probs` [1, vocab] (float32, CPU) that lands on a candidate whenever
+    the rejection scheme allows. The caller moves to the child carrying it, if any."""
+    if not draws:  # point masses only: the old draw, from the same float32 probabilities
+        return _draw(probs, generator)
+    p = probs[0].detach().numpy().astype(np.float64)  # [vocab], a copy
+    if point_masses:
+        y = _draw(probs, generator)
+        if y in point_masses:
+            return y
+        p[list(point_masses)] = 0.0
+        p /= p.sum()  # > 0: y itself has mass
+    for model_draws in draws:
+        accepted, p = _reject_draws(p, model_draws, generator)
+        if accepted is not None:
+            return accepted
+    return _draw(torch.from_numpy(p), generator)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def _reject_draws(p: np.ndarray, model_draws: ModelDraws, generator: torch.Generator) -> tuple[int | None, np.ndarray]:
+    """Recursive rejection of one model's draws against the target residual p [vocab] float64.
+    Returns (the accepted token or None, the residual after the rejections)."""
+    q = np.maximum(model_draws.probs.detach().to("cpu", torch.float64).numpy(), 0.0)  # [vocab], a copy
+    total = float(q.sum())
+    for token in model_draws.tokens:
+        q_token = float(q[token]) / total if total > 0 else 0.0
+        if q_token <= 0.0:  # not a draw q could give (a drafter bug): skipping it keeps p exact
+            continue
+        coin = float(torch.rand(1, dtype=torch.float64, generator=generator))
+        if coin * q_token < p[token]:  # probability min(1, p(x) / q_i(x))
+            return token, p
+        residual = np.maximum(p - q / total, 0.0)
+        mass = float(residual.sum())
+        if mass > 0.0:  # 0 only where p == q_i, and then rejection had probability 0
+            p = residual / mass
+        total -= float(q[token])  # the next draw came from q without this token
+        q[token] = 0.0
+    return None, p
