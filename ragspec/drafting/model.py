@@ -296,7 +296,7 @@ class ModelTreeDrafter:
         self._proposal: _Proposal | None = None
         self._root_s: float | None = None  # EMA seconds of a root forward feeding few rows
         self._tree_s: float | None = None  # EMA seconds of a batched tree forward
-        self._child_mass = 1.0  # EMA of the top-k children's summed q per expanded node
+        self._child_mass: float | None = None  # EMA of the top-k children's summed q per expanded node
         self._accepted = 1.0  # EMA of this drafter's accepted nodes per verified step
         self._predicted = 1.0  # EMA of their summed scores per verified step
         self._step_s: float | None = None  # EMA of observed verify seconds (plain steps preferred)
@@ -368,7 +368,7 @@ class ModelTreeDrafter:
             chosen_probs, chosen = probs.topk(k, dim=-1)  # [rows, k]
             drawn = list(zip(chosen.tolist(), chosen_probs.tolist()))
         else:
-            drawn = [self._draw(row) for row in probs]
+            drawn = [draw_without_replacement(row, k, self.generator) for row in probs]
         for parent, row, (tokens, token_probs) in zip(parents, probs, drawn):
             if not self.sampling.greedy:
                 candidates.draws[parent] = (ModelDraws(probs=row.clone(), tokens=tuple(tokens)),)
@@ -376,15 +376,6 @@ class ModelTreeDrafter:
                 if q > 0:
                     candidates.add(parent, token, q, deterministic=self.sampling.greedy)
             self._child_mass = _ema(self._child_mass, float(sum(token_probs)), COST_EMA)
-
-    def _draw(self, probs: torch.Tensor) -> tuple[list[int], list[float]]:
-        """top_k tokens drawn from `probs` [vocab] without replacement, in draw order (Gumbel-top-k:
-        the order of log p - log E, E ~ Exp(1), is that of successive draws)."""
-        noise = torch.empty(probs.shape, dtype=torch.float64).exponential_(generator=self.generator)
-        keys = probs.double().log() - noise.log()
-        k = min(self.config.top_k, int((probs > 0).sum()))
-        order = keys.topk(k).indices.tolist()
-        return order, probs[order].tolist()
 
     def _draft_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """q over the target's vocabulary: greedy requests the plain softmax, sampling ones the
@@ -423,7 +414,7 @@ class ModelTreeDrafter:
         token_s = self.token_seconds()
         if token_s is None:
             return True
-        gain = self.calibration() * self._child_mass * frontier_score
+        gain = self.calibration() * (1.0 if self._child_mass is None else self._child_mass) * frontier_score
         return gain * token_s > forward_s
 
     # ---- observe -------------------------------------------------------------------------
@@ -474,6 +465,16 @@ def _ema(average: float | None, value: float, weight: float) -> float:
     return value if average is None else average + weight * (value - average)
 
 
+def draw_without_replacement(probs: torch.Tensor, k: int, generator: torch.Generator) -> tuple[list[int], list[float]]:
+    """Up to `k` distinct tokens drawn from `probs` [vocab] (CPU) without replacement, in draw
+    order, and their probabilities. Gumbel-top-k: sorting log p - log E (E ~ Exp(1), one per
+    token) gives the order of successive draws, each from p with the earlier ones removed."""
+    noise = torch.empty(probs.shape, dtype=torch.float64).exponential_(generator=generator)
+    keys = probs.double().log() - noise.log()
+    order = keys.topk(min(k, int((probs > 0).sum()))).indices.tolist()
+    return order, probs[order].tolist()
+
+
 def drafter_generator(seed: int | None, name: str) -> torch.Generator:
     """A CPU generator for a drafter's random draws. Seeded requests get a seed derived from the
     request's and the drafter's name, never the request seed itself: the acceptance step draws
@@ -490,10 +491,9 @@ def drafter_generator(seed: int | None, name: str) -> torch.Generator:
 # ---- the registry's factory ------------------------------------------------------------------
 
 
-def load_draft_model(engine, model: str | LoadedModel | None) -> LoadedModel:
-    """The draft model: a LoadedModel as given, or loaded once per engine on the target's device
-    and dtype. Refused unless it has the target's tokenizer."""
-    target = engine.target
+def load_draft_model(model: str | LoadedModel | None, target: LoadedModel) -> LoadedModel:
+    """The draft model: a LoadedModel as given, or a path loaded on the target's device and in
+    its dtype. Refused (ConfigError) unless it has the target's tokenizer."""
     if model is None:
         raise ConfigError('the "model" drafter needs a draft model: SpecConfig(drafters=(..., "model"), '
                           'options=(ModelDraftConfig(model="path/to/model"),)) or --draft-model PATH')
@@ -502,23 +502,30 @@ def load_draft_model(engine, model: str | LoadedModel | None) -> LoadedModel:
     else:
         from ragspec.models import load_model
 
-        draft = engine.shared_state(
-            f"draft-model:{model}", lambda: load_model(model, device=str(target.device), dtype=target.dtype)
-        )
+        draft = load_model(model, device=str(target.device), dtype=target.dtype)
+    check_tokenizer(draft, target)
+    return draft
+
+
+def check_tokenizer(draft: LoadedModel, target: LoadedModel) -> None:
     if draft.tokenizer_fingerprint != target.tokenizer_fingerprint:
         raise ConfigError(
             f"draft model {draft.name} has another tokenizer than target {target.name}: vocabulary "
             f"fingerprints {draft.tokenizer_fingerprint} and {target.tokenizer_fingerprint} differ "
             "(a draft model must share the target's tokenizer)"
         )
-    return draft
 
 
 def build_model_drafter(request: DraftRequest, config: ModelDraftConfig) -> ModelTreeDrafter:
-    """A fresh drafter (own KV cache and generator) per request; the weights are shared."""
+    """A fresh drafter (own KV cache and generator) per request; a draft model given by path is
+    loaded once per engine."""
     engine = request.engine
-    draft = load_draft_model(engine, config.model)
+    target = engine.target
+    if isinstance(config.model, LoadedModel) or config.model is None:
+        draft = load_draft_model(config.model, target)
+    else:
+        draft = engine.shared_state(f"draft-model:{config.model}", lambda: load_draft_model(config.model, target))
     return ModelTreeDrafter(
         DraftLM.of(draft), "model", config, engine.budget, sampling=request.sampling,
-        vocab_size=int(engine.target.model.config.vocab_size),
+        vocab_size=int(target.model.config.vocab_size),
     )

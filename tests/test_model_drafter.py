@@ -1,0 +1,320 @@
+"""The draft-model drafter: lossless greedy output with good and poor draft models, alone and
+fused; its KV cache equals recomputation after partial acceptance; tree rows see exactly their
+path; sampled children are draws without replacement recorded for residual rejection; draft
+models with another tokenizer are refused; drafting stops when its forwards cost more than the
+tokens they are expected to win.
+
+Tiny random models put almost the same probability on every token (max ~4e-5 over 49k tokens):
+no draft score would pass the node budget. `sharp_tiny` multiplies the output head of a tiny
+model by 50 (top-1 mass ~0.6-0.9); with seed 0 it keeps the argmax of the `tiny_model` fixture
+(same weights otherwise), so it drafts what the fixture target decodes.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FLAT_CURVE, TINY_ARCHITECTURES, build_tiny_model
+from test_lossless import lossless_prompts
+from ragspec import Engine, LoadedModel
+from ragspec.config import SamplingConfig, SpecConfig
+from ragspec.drafting.base import DraftContext
+from ragspec.drafting.model import DraftLM, ModelDraftConfig, ModelTreeDrafter, draw_without_replacement
+from ragspec.drafting.registry import default_drafters
+from ragspec.engine.budget import LatencyCurve
+from ragspec.errors import ConfigError
+from ragspec.kernels.select import choose_kernels
+from ragspec.kvcache import cache_length
+from ragspec.types import ROOT, AcceptResult, DraftTree, StepResult
+
+MAX_NEW = 40
+SHARPEN = 50.0
+_sharp: dict[tuple[str, int], LoadedModel] = {}
+
+
+def sharp_tiny(arch: str, tokenizer, seed: int) -> LoadedModel:
+    """A tiny random model whose output head is scaled by SHARPEN (built once per session)."""
+    if (arch, seed) not in _sharp:
+        model = build_tiny_model(arch, len(tokenizer), seed=seed)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(SHARPEN)
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, name=f"sharp-{arch}-{seed}")
+        loaded.kernels = choose_kernels(loaded, mode="fast")
+        _sharp[arch, seed] = loaded
+    return _sharp[arch, seed]
+
+
+def arch_of(loaded: LoadedModel) -> str:
+    return loaded.name.removeprefix("tiny-")
+
+
+def model_engine(target: LoadedModel, draft, drafters=("model",), **config) -> Engine:
+    spec = SpecConfig(drafters=drafters, options=(ModelDraftConfig(model=draft, **config),))
+    return Engine(target, latency_curve=FLAT_CURVE, spec=spec, persist_state=False)
+
+
+def test_greedy_output_equals_plain_with_good_and_poor_draft_models(tiny_model, tokenizer):
+    arch = arch_of(tiny_model)
+    prompts = lossless_prompts(tokenizer)[::3]  # 7 prompts: repetitive, random strings, chats
+    plain_engine = Engine(tiny_model, latency_curve=FLAT_CURVE, prefix_cache=False)
+    plain = [plain_engine.generate(p, max_new_tokens=MAX_NEW, speculative=False).token_ids for p in prompts]
+    good, poor = sharp_tiny(arch, tokenizer, seed=0), sharp_tiny(arch, tokenizer, seed=1)
+    retrieval = default_drafters()
+    cases = {
+        "good alone": model_engine(tiny_model, good, cost_aware=False),
+        "good fused": model_engine(tiny_model, good, (*retrieval, "model"), cost_aware=False),
+        "poor alone": model_engine(tiny_model, poor),
+        "poor fused": model_engine(tiny_model, poor, (*retrieval, "model")),
+    }
+    for label, engine in cases.items():
+        drafted = accepted = steps = generated = 0
+        for prompt, expected in zip(prompts, plain):
+            out = engine.generate(prompt, max_new_tokens=MAX_NEW)
+            assert out.token_ids == expected, f"{arch} {label}: speculation changed the output for {prompt!r}"
+            drafted += out.stats.drafted_per_source.get("model", 0)
+            accepted += out.stats.accepted_per_source.get("model", 0)
+            steps += out.stats.num_steps
+            generated += out.stats.num_generated_tokens
+        assert drafted > 0, f"{arch} {label}: no model draft was verified: the case proves nothing"
+        if label == "good alone":  # drafts the target's own argmax: long chains accepted
+            assert generated / steps >= 3.0, f"{arch}: mean acceptance {generated / steps:.2f} with a perfect draft"
+
+
+@torch.inference_mode()
+def causal_probs(model, ids: list[int]) -> torch.Tensor:
+    """softmax of a plain forward over `ids`, no cache: q after the last token. [vocab]"""
+    return model(input_ids=torch.tensor([ids])).logits[0, -1].float().softmax(-1)
+
+
+def path_tokens(tree: DraftTree, node: int) -> list[int]:
+    tokens = []
+    while node != ROOT:
+        tokens.append(int(tree.token_ids[node]))
+        node = int(tree.parents[node])
+    return tokens[::-1]
+
+
+def children(tree: DraftTree, parent: int) -> list[int]:
+    return [i for i in range(tree.num_nodes) if tree.parents[i] == parent]
+
+
+def assert_cache_equals_recomputation(lm: DraftLM, module, config) -> None:
+    """Every layer's keys and values equal those of a fresh DraftLM fed the same tokens causally."""
+    fresh = DraftLM(module, config, device="cpu", dtype=torch.float32)
+    fresh.sync([*lm.cached_ids, 0])
+    assert cache_length(lm.cache) == cache_length(fresh.cache) == len(lm.cached_ids)
+    for ours, theirs in zip(lm.cache.layers, fresh.cache.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_tree_rows_see_their_path_and_the_cache_equals_recomputation(arch, tokenizer):
+    """Every node's q is the draft model's on its path (batched tree forwards see exactly their
+    ancestors); after a partial acceptance and after an accepted unfed leaf the cache holds the
+    rows a causal forward over the committed tokens gives (sliding windows included: 40 > 16)."""
+    draft = sharp_tiny(arch, tokenizer, seed=1)
+    model = draft.model
+    lm = DraftLM.of(draft)
+    drafter = ModelTreeDrafter(lm, "model", ModelDraftConfig(top_k=3, width=4, max_depth=4, cost_aware=False))
+    tokens = np.random.default_rng(3).integers(100, len(tokenizer), size=40).tolist()
+
+    # round 1: accept a depth-2 path whose node at depth 3 is rejected
+    tree = drafter.propose(DraftContext(np.asarray(tokens), max_nodes=40))
+    assert tree.num_nodes == 3 + 9 + 12 + 12 and tree.deterministic is None and set(tree.sources) == {"model"}
+    for parent in [ROOT, *range(tree.num_nodes)]:
+        kids = children(tree, parent)
+        if not kids:
+            continue
+        q = causal_probs(model, tokens + path_tokens(tree, parent))
+        assert [int(tree.token_ids[k]) for k in kids] == q.topk(3).indices.tolist()[: len(kids)]
+        for k in kids:
+            assert tree.draft_probs[k] == pytest.approx(float(q[tree.token_ids[k]]), rel=1e-3, abs=1e-6)
+            parent_score = 1.0 if parent == ROOT else tree.scores[parent]
+            assert tree.scores[k] == pytest.approx(parent_score * tree.draft_probs[k])
+    a = next(n for n in children(tree, ROOT) if any(children(tree, b) for b in children(tree, n)))
+    b = next(n for n in children(tree, a) if children(tree, n))
+    rejected = {int(tree.token_ids[c]) for c in children(tree, b)}
+    bonus = next(t for t in range(100, 200) if t not in rejected)
+    accept = AcceptResult([a, b], [int(tree.token_ids[a]), int(tree.token_ids[b])], bonus)
+    drafter.observe(StepResult(tree, accept, torch.zeros(0), 0.0, 0.01, tokens[-1]))
+    tokens = tokens + accept.accepted_tokens + [bonus]
+    assert lm.cached_ids == tokens[:-1] and not lm.block_tokens  # the fed rows were kept, nothing else
+    assert_cache_equals_recomputation(lm, model, model.config)
+
+    # round 2: accept a leaf that was never fed (max_depth 2: depth-2 nodes are never fed); the
+    # next sync feeds it
+    shallow = ModelTreeDrafter(lm, "model", ModelDraftConfig(top_k=3, width=4, max_depth=2, cost_aware=False))
+    tree = shallow.propose(DraftContext(np.asarray(tokens), max_nodes=6))
+    leaf = next(n for n in range(tree.num_nodes) if tree.parents[n] != ROOT)
+    path = [int(tree.parents[leaf]), leaf]
+    accept = AcceptResult(path, [int(tree.token_ids[n]) for n in path], 7)
+    shallow.observe(StepResult(tree, accept, torch.zeros(0), 0.0, 0.01, tokens[-1]))
+    tokens = tokens + accept.accepted_tokens + [7]
+    assert lm.cached_ids == tokens[:-2]  # the pending token and the fed parent kept
+    assert_cache_equals_recomputation(lm, model, model.config)
+    assert lm.sync(tokens) == 1  # the leaf
+    assert_cache_equals_recomputation(lm, model, model.config)
+
+    # round 3: another request's tokens: the cache is cut back to the common prefix
+    tokens = tokens[:20] + [5, 6, 7]
+    lm.sync(tokens)
+    assert lm.cached_ids == tokens[:-1]
+    assert_cache_equals_recomputation(lm, model, model.config)
+
+
+def test_sampled_children_are_draws_recorded_for_residual_rejection(tokenizer):
+    draft = sharp_tiny("llama", tokenizer, seed=1)
+    sampling = SamplingConfig(temperature=0.7, top_p=0.95, seed=11)
+    config = ModelDraftConfig(top_k=3, width=3, max_depth=3, cost_aware=False)
+    tokens = np.asarray(tokenizer("a b c a b c a b").input_ids)
+
+    def propose() -> DraftTree:
+        drafter = ModelTreeDrafter(DraftLM.of(draft), "model", config, sampling=sampling)
+        return drafter.propose(DraftContext(tokens, max_nodes=12))
+
+    tree = propose()
+    assert 3 < tree.num_nodes <= 12 and not tree.is_deterministic().any()
+    for parent in [ROOT, *range(tree.num_nodes)]:
+        kids = children(tree, parent)
+        if not kids:
+            continue
+        (draws,) = tree.draws[parent]
+        assert draws.probs.dtype == torch.float32 and draws.probs.sum().item() == pytest.approx(1.0, abs=1e-5)
+        assert len(set(draws.tokens)) == len(draws.tokens) <= 3
+        assert {int(tree.token_ids[k]) for k in kids} <= set(draws.tokens)  # pruned draws stay listed
+        for k in kids:
+            assert tree.draft_probs[k] == pytest.approx(float(draws.probs[tree.token_ids[k]]))
+    reference = target_probs_of(draft.model, tokens.tolist(), sampling)
+    torch.testing.assert_close(tree.draws[ROOT][0].probs, reference, atol=1e-5, rtol=0)
+    again = propose()  # same request seed: same draws
+    assert again.token_ids.tolist() == tree.token_ids.tolist()
+
+
+def target_probs_of(model, ids: list[int], sampling: SamplingConfig) -> torch.Tensor:
+    from ragspec.sampling import target_probs
+
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1:].float()
+    return target_probs(logits, sampling)[0]
+
+
+def test_draws_without_replacement_follow_the_distribution():
+    """First draws follow p; second draws follow p with the first removed, renormalised."""
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.05, 0.0])
+    generator = torch.Generator().manual_seed(0)
+    trials = 20000
+    pairs: dict[tuple[int, int], int] = {}
+    for _ in range(trials):
+        tokens, probs = draw_without_replacement(p, 3, generator)
+        assert len(set(tokens)) == 3 and 5 not in tokens and probs == [float(p[t]) for t in tokens]
+        pairs[tokens[0], tokens[1]] = pairs.get((tokens[0], tokens[1]), 0) + 1
+    for a in range(5):
+        first = sum(count for (x, _), count in pairs.items() if x == a) / trials
+        assert first == pytest.approx(float(p[a]), abs=0.012)
+        for b in range(5):
+            if b != a:
+                expected = float(p[a] * p[b] / (1 - p[a]))
+                assert pairs.get((a, b), 0) / trials == pytest.approx(expected, abs=0.012)
+    assert draw_without_replacement(torch.tensor([0.0, 1.0, 0.0]), 3, generator)[0] == [1]
+
+
+def test_sampling_generation_with_a_model_drafter_runs(tiny_llama, tokenizer):
+    engine = model_engine(tiny_llama, sharp_tiny("llama", tokenizer, 0), cost_aware=False)
+    out = engine.generate("a b c a b c a b", max_new_tokens=16, temperature=0.8, seed=3)
+    assert len(out.token_ids) == 16 or out.finish_reason == "eos"
+    assert out.stats.drafted_per_source.get("model", 0) > 0
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tiny_llama, tokenizer):
+    other_tokenizer = copy.deepcopy(tokenizer)
+    other_tokenizer.add_tokens(["<an-extra-token>"])
+    other = LoadedModel(model=build_tiny_model("llama", len(other_tokenizer), seed=2), tokenizer=other_tokenizer,
+                        name="tiny-other-vocab")
+    engine = model_engine(tiny_llama, other)
+    with pytest.raises(ConfigError, match="draft model tiny-other-vocab has another tokenizer than target tiny-llama"):
+        engine.generate("Hello", max_new_tokens=4)
+    with pytest.raises(ConfigError, match="needs a draft model"):
+        model_engine(tiny_llama, None).generate("Hello", max_new_tokens=4)
+
+
+def test_draft_model_given_by_path_is_loaded_once_per_engine(tiny_llama, tokenizer, tmp_path, monkeypatch):
+    import ragspec.models
+
+    monkeypatch.setenv("RAGSPEC_KERNELS", "plain")
+    draft = build_tiny_model("llama", len(tokenizer), seed=0)  # the fixture's weights, sharpened
+    with torch.no_grad():
+        draft.lm_head.weight.mul_(SHARPEN)
+    draft.save_pretrained(tmp_path / "draft")
+    tokenizer.save_pretrained(tmp_path / "draft")
+    loads = []
+    real_load = ragspec.models.load_model
+    monkeypatch.setattr(ragspec.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    engine = model_engine(tiny_llama, str(tmp_path / "draft"), cost_aware=False)
+    plain = Engine(tiny_llama, latency_curve=FLAT_CURVE, prefix_cache=False)
+    for prompt in ("a b c a b c a b", "Hello world! Hello world! Hello"):
+        out = engine.generate(prompt, max_new_tokens=24)
+        assert out.token_ids == plain.generate(prompt, max_new_tokens=24, speculative=False).token_ids
+        assert out.stats.accepted_per_source.get("model", 0) > 0
+    assert len(loads) == 1
+
+
+class SlowModule:
+    """A module wrapper whose every forward takes `delay_s` more seconds."""
+
+    def __init__(self, module, delay_s: float):
+        self.module, self.delay_s = module, delay_s
+
+    def __call__(self, **arguments):
+        time.sleep(self.delay_s)
+        return self.module(**arguments)
+
+
+def test_drafting_stops_when_its_forwards_cost_more_than_they_win(tokenizer):
+    """A plain target step is worth 0.2 s here. Draft forwards of a few ms pay on every step; with
+    0.3 s forwards the drafter measures them once, then proposes nothing (re-measuring at most
+    once per EXPLORE_EVERY steps); a draft model whose q is flat never pays either."""
+    target = sharp_tiny("llama", tokenizer, seed=0)
+    worth = LatencyCurve(rows=(1, 64), seconds=(0.2, 0.2), adapt=False)
+    prompt = "a b c a b c a b"
+    plain = Engine(target, latency_curve=FLAT_CURVE, prefix_cache=False).generate(prompt, max_new_tokens=24,
+                                                                                  speculative=False)
+
+    def run(module) -> ModelTreeDrafter:
+        made = []
+
+        def factory(engine: Engine) -> list[ModelTreeDrafter]:
+            lm = DraftLM(module, target.model.config, device="cpu", dtype=torch.float32)
+            made.append(ModelTreeDrafter(lm, "model", ModelDraftConfig(max_depth=3), engine.budget))
+            return made[-1:]
+
+        out = Engine(target, latency_curve=worth, drafter_factories=[factory]).generate(prompt, max_new_tokens=24)
+        assert out.token_ids == plain.token_ids
+        return made[0]
+
+    cheap = run(target.model)
+    assert cheap.drafted_steps >= 3 and cheap.skipped_steps == 0
+    slow = run(SlowModule(target.model, 0.4))
+    assert slow.drafted_steps <= 2 and slow.skipped_steps >= 10
+    flat = run(build_tiny_model("llama", len(tokenizer), seed=0))
+    assert flat.drafted_steps <= 2 and flat.skipped_steps >= 10
+
+
+def test_real_model_as_its_own_draft_model_equals_plain(real_model):
+    """The embedded model drafting for itself in fp32: identical output, long accepted chains."""
+    prompts = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "Write a haiku about the sea."}],
+    ]
+    engine = Engine(real_model, latency_curve=FLAT_CURVE, persist_state=False, prefix_cache=False,
+                    spec=SpecConfig(drafters=("model",), options=(ModelDraftConfig(model=real_model, cost_aware=False),)))
+    plain = Engine(real_model, latency_curve=FLAT_CURVE, prefix_cache=False)
+    for prompt in prompts:
+        out = engine.generate(prompt, max_new_tokens=24)
+        assert out.token_ids == plain.generate(prompt, max_new_tokens=24, speculative=False).token_ids
+        assert out.stats.mean_acceptance_length >= 2.5, out.stats.as_dict()
