@@ -64,6 +64,9 @@ class SpecConfig:
     # earlier top-k), datastore (the index, for requests that use one), ...
     drafters: tuple[str, ...] = field(default_factory=_default_drafters)
     options: tuple = ()  # config dataclass instances of the drafters that have one (registry)
+    # fusion (RASD): where a model drafter left its distribution at a tree node, children it gives
+    # less than this probability are dropped with their subtrees (0 keeps every node)
+    min_draft_prob: float = 0.02
     datastore_scope: str = "retrieved"  # "retrieved" chunks of the request, or the whole "index"
     # past responses: one store per "index" (requests without one share another), or one "global"
     # store; with Engine(persist_state=True) a per-index store is saved in the index directory
@@ -82,6 +85,8 @@ class SpecConfig:
         if unknown:
             raise ConfigError(f"unknown drafters {sorted(unknown)}: choose from {', '.join(REGISTRY)}")
         object.__setattr__(self, "drafters", tuple(self.drafters))
+        if not 0.0 <= self.min_draft_prob < 1.0:
+            raise ConfigError(f"min_draft_prob must be in [0, 1), got {self.min_draft_prob}")
         if self.datastore_scope not in ("retrieved", "index"):
             raise ConfigError(f"datastore_scope must be 'retrieved' or 'index', got {self.datastore_scope!r}")
         if self.past_scope not in ("index", "global"):

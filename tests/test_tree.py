@@ -10,8 +10,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ragspec.drafting.tree import TrieBuilder, best_first_order, fuse, monotone_scores, node_paths, prune
-from ragspec.types import ROOT, DraftTree
+from ragspec.drafting.tree import (
+    TrieBuilder,
+    best_first_order,
+    drop_implausible,
+    fuse,
+    monotone_scores,
+    node_paths,
+    prune,
+)
+from ragspec.types import ROOT, DraftTree, ModelDraws
 from ragspec.errors import UnsupportedModel
 from ragspec.verify.tree_attention import (
     ancestor_matrix,
@@ -315,3 +323,59 @@ def test_chain_tree_attention_is_causal():
     parents = np.arange(5, dtype=np.int64) - 1
     np.testing.assert_array_equal(ancestor_matrix(parents), np.tril(np.ones((6, 6), dtype=bool)))
     np.testing.assert_array_equal(node_depths(parents), [1, 2, 3, 4, 5])
+
+
+# -- trees carrying model drafts ---------------------------------------------------------------
+
+
+def _model_tree() -> DraftTree:
+    """A model's root distribution over 6 tokens, its two top children (one fed, with its own
+    distribution), fused with a retrieval chain 4 -> 5 and a retrieval child 0 under the fed node."""
+    root_q = torch.tensor([0.005, 0.6, 0.3, 0.05, 0.01, 0.035])
+    child_q = torch.tensor([0.5, 0.001, 0.2, 0.2, 0.05, 0.049])
+    model = DraftTree(
+        token_ids=np.array([1, 2, 0]), parents=np.array([ROOT, ROOT, 0]), scores=np.array([0.6, 0.3, 0.3]),
+        sources=("model",) * 3, draft_probs=np.array([0.6, 0.3, 0.5]),
+        draws={ROOT: (ModelDraws(root_q, ()),), 0: (ModelDraws(child_q, ()),)},
+    )
+    retrieval = DraftTree(
+        token_ids=np.array([4, 5, 1, 1]), parents=np.array([ROOT, 0, ROOT, 2]), scores=np.array([0.9, 0.8, 0.7, 0.6]),
+        sources=("context",) * 4,
+    )
+    return fuse([model, retrieval])
+
+
+def test_fuse_keeps_model_probabilities_and_distributions_of_merged_nodes():
+    tree = _model_tree()
+    paths = node_paths(tree)
+    assert paths == [(1,), (2,), (1, 0), (4,), (4, 5), (1, 1)]
+    assert tree.sources[0] == "model" and tree.scores[0] == pytest.approx(1 - 0.4 * 0.3)  # noisy-or with context
+    assert np.allclose(tree.draft_probs[:3], [0.6, 0.3, 0.5]) and np.isnan(tree.draft_probs[3:]).all()
+    assert sorted(tree.draws) == [ROOT, 0]
+
+
+def test_drop_implausible_cuts_what_the_model_finds_unlikely_with_its_subtree():
+    tree = _model_tree()
+    kept = drop_implausible(tree, min_prob=0.02)
+    # (4,) has q 0.01 at the root: gone with (4, 5); (1, 1) has q 0.001 under the fed node: gone
+    assert node_paths(kept) == [(1,), (2,), (1, 0)]
+    assert sorted(kept.draws) == [ROOT, 0]
+    loose = drop_implausible(tree, min_prob=0.0005)
+    assert node_paths(loose) == node_paths(tree)
+    assert loose.draft_probs[3] == pytest.approx(0.01) and loose.draft_probs[5] == pytest.approx(0.001)
+    assert np.isnan(loose.draft_probs[4])  # under (4,), which the model never expanded
+    assert drop_implausible(tree, 0.0) is tree
+
+
+def test_drop_implausible_leaves_trees_without_model_distributions_alone():
+    retrieval = DraftTree(np.array([3, 4]), np.array([ROOT, 0]), np.array([0.5, 0.4]), ("context",) * 2)
+    assert drop_implausible(retrieval, 0.5) is retrieval
+
+
+def test_prune_keeps_draws_of_kept_parents_only():
+    tree = _model_tree()
+    pruned = prune(tree, 2)  # the two best nodes: (1,) and (4,)
+    assert node_paths(pruned) == [(1,), (4,)]
+    assert sorted(pruned.draws) == [ROOT, 0]  # node 0 is still (1,)
+    best = prune(tree, 1)  # (4,) alone: the model's fed node, and its distribution, are gone
+    assert node_paths(best) == [(4,)] and best.draws.keys() == {ROOT}

@@ -122,20 +122,47 @@ def prune(tree: DraftTree, num_nodes: int, scores: np.ndarray | None = None) -> 
     parent's); they form a connected tree. Re-indexes parents; the kept nodes keep their own scores."""
     if num_nodes >= tree.num_nodes:
         return tree
-    keep = np.sort(best_first_order(tree, scores)[:num_nodes])  # original order keeps parents first
+    keep = np.zeros(tree.num_nodes, dtype=bool)
+    keep[best_first_order(tree, scores)[:num_nodes]] = True
+    return subtree(tree, keep)
+
+
+def subtree(tree: DraftTree, keep: np.ndarray) -> DraftTree:
+    """The nodes where `keep` [num_nodes] bool is set (every kept node's parent must be kept),
+    re-indexed in their original order; draws stay with their kept parents."""
+    kept = np.flatnonzero(keep)
     new_index = np.full(tree.num_nodes, ROOT, dtype=np.int64)
-    new_index[keep] = np.arange(len(keep))
-    old_parents = tree.parents[keep]
+    new_index[kept] = np.arange(len(kept))
+    old_parents = tree.parents[kept]
     parents = np.where(old_parents == ROOT, ROOT, new_index[np.maximum(old_parents, 0)])
-    kept = np.zeros(tree.num_nodes, dtype=bool)
-    kept[keep] = True
     return DraftTree(
-        token_ids=tree.token_ids[keep],
+        token_ids=tree.token_ids[kept],
         parents=parents,
-        scores=tree.scores[keep],
-        sources=tuple(tree.sources[i] for i in keep),
-        draft_probs=None if tree.draft_probs is None else tree.draft_probs[keep],
-        deterministic=None if tree.deterministic is None else tree.deterministic[keep],
+        scores=tree.scores[kept],
+        sources=tuple(tree.sources[i] for i in kept),
+        draft_probs=None if tree.draft_probs is None else tree.draft_probs[kept],
+        deterministic=None if tree.deterministic is None else tree.deterministic[kept],
         draws={ROOT if parent == ROOT else int(new_index[parent]): draws
-               for parent, draws in tree.draws.items() if parent == ROOT or kept[parent]},
+               for parent, draws in tree.draws.items() if parent == ROOT or keep[parent]},
     )
+
+
+def drop_implausible(tree: DraftTree, min_prob: float) -> DraftTree:
+    """RASD's pruning: wherever a model drafter left its distribution at a node (`draws`), every
+    child whose token it gives less than `min_prob` is dropped with its subtree; the other
+    children get that probability as `draft_probs` (retrieval nodes had none). Nodes under no
+    model distribution are kept as they are. A dropped node that a model drew at random stays
+    in `draws`, which lossless sampling allows (a pruned draw)."""
+    if not tree.draws or min_prob <= 0:
+        return tree
+    distributions = {parent: draws[0].probs for parent, draws in tree.draws.items() if draws}
+    probs = tree.model_probs().copy()
+    keep = np.ones(tree.num_nodes, dtype=bool)
+    for node, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
+        if parent != ROOT and not keep[parent]:
+            keep[node] = False
+            continue
+        if math.isnan(probs[node]) and parent in distributions:
+            probs[node] = float(distributions[parent][token])
+        keep[node] = not probs[node] < min_prob  # NaN (no distribution) is kept
+    return subtree(replace(tree, draft_probs=probs), keep)

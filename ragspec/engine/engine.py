@@ -280,7 +280,7 @@ class Engine:
                 verifier = TreeVerifier(self.target, self._take_prefix(request.prompt_ids))
                 budget = self.budget() if request.drafters else None
                 steps = decode_steps(verifier, request.prompt_ids, drafters=request.drafters, budget=budget,
-                                     sampling=request.sampling, stats=stats)
+                                     sampling=request.sampling, stats=stats, min_draft_prob=self.spec.min_draft_prob)
             while reason is None:
                 with self._lock:
                     piece, reason = self._step(steps, request, text, stats, start)

@@ -10,7 +10,7 @@ import torch
 
 from ragspec.config import SamplingConfig
 from ragspec.drafting.base import DraftContext, Drafter
-from ragspec.drafting.tree import fuse
+from ragspec.drafting.tree import drop_implausible, fuse
 from ragspec.engine.budget import NodeBudget
 from ragspec.engine.request import TARGET_SOURCE
 from ragspec.sampling import accept_greedy, accept_sampled
@@ -25,7 +25,8 @@ def _timed_propose(drafter: Drafter, context: DraftContext, stats: SpecStats) ->
     return tree
 
 
-def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_length: int, stats: SpecStats):
+def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_length: int, stats: SpecStats,
+           min_draft_prob: float):
     """The fused draft tree for this step, pruned to the budget, and the seconds it took."""
     start = time.perf_counter()
     room = context_length - len(tokens) - 1  # positions left for drafts, bonus token kept
@@ -33,6 +34,7 @@ def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_len
         return DraftTree.empty(), time.perf_counter() - start
     context = DraftContext(tokens=tokens.view(), max_nodes=min(budget.max_nodes, room))
     tree = fuse([_timed_propose(drafter, context, stats) for drafter in drafters])
+    tree = drop_implausible(tree, min_draft_prob)  # RASD: nodes a model drafter finds implausible
     tree = budget.select(tree, limit=room, explore=True)
     return tree, time.perf_counter() - start
 
@@ -45,13 +47,15 @@ def decode_steps(
     budget: NodeBudget | None,
     sampling: SamplingConfig,
     stats: SpecStats,
+    min_draft_prob: float = 0.0,
 ) -> Iterator[tuple[list[int], list[str]]]:
     """Yield the tokens each step commits (accepted drafts, then the bonus token), forever, with
     the source of each: the drafter that proposed it, or "target" for the bonus token.
 
     The caller stops iterating at EOS, a stop string, or its token limit; the loop itself ends
     only when the context window is full. With no drafters or no budget it is plain decoding.
-    `verifier` may already hold a cached prefix of the prompt (see KVPrefix).
+    `verifier` may already hold a cached prefix of the prompt (see KVPrefix). `min_draft_prob`:
+    SpecConfig.min_draft_prob (RASD pruning of the fused tree).
     """
     target = verifier.target
     prefilled, stats.cached_prompt_tokens = verifier.prefill_and_verify(list(prompt_ids))  # step 1, empty tree
@@ -68,7 +72,7 @@ def decode_steps(
             tree, draft_s, verified, prefilled = DraftTree.empty(), 0.0, replace(prefilled, verify_s=0.0), None
         else:
             # 1-2. propose and fuse, pruned to the budget
-            tree, draft_s = _draft(drafters, budget, tokens, target.context_length, stats)
+            tree, draft_s = _draft(drafters, budget, tokens, target.context_length, stats, min_draft_prob)
             # 3. verify the pending token + tree in one forward
             verified = verifier.verify(pending_token, tree)
         # 4. accept
