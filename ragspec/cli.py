@@ -47,14 +47,30 @@ def _generation_options(command):
     return command
 
 
-def _engine(model, dtype, device, **engine_options):
+def _draft_model_option(command):
+    return click.option("--draft-model", default=None, metavar="PATH",
+                        help="Also draft with this small model (HF dir or .gguf with the target's tokenizer).")(command)
+
+
+def _engine(model, dtype, device, draft_model=None, **engine_options):
+    """The Engine; with `draft_model`, the "model" drafter joins the drafters (loaded at once, so
+    a wrong path or tokenizer is reported before any prompt)."""
     from transformers.utils import logging as hf_logging
 
     from ragspec import Engine
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    return Engine(model, dtype=None if dtype == "auto" else dtype, device=device, **engine_options)
+    if draft_model is not None:
+        from ragspec.drafting.model import with_draft_model
+
+        engine_options["spec"] = with_draft_model(engine_options.get("spec"), draft_model)
+    engine = Engine(model, dtype=None if dtype == "auto" else dtype, device=device, **engine_options)
+    if draft_model is not None:
+        from ragspec.drafting.model import engine_draft_model
+
+        engine_draft_model(engine, draft_model)
+    return engine
 
 
 def _print_stats(stats) -> None:
@@ -97,28 +113,30 @@ def main(verbose: bool) -> None:
 @click.argument("prompt")
 @click.option("--raw", is_flag=True, help="Feed the prompt as is, without the chat template.")
 @_model_options
+@_draft_model_option
 @_generation_options
 @library_errors
-def generate(prompt, raw, model, dtype, device, **options):
+def generate(prompt, raw, model, dtype, device, draft_model, **options):
     """Generate a reply to PROMPT.
 
     Example: ragspec generate "Summarize: ..." --max-new-tokens 128 --stats
     """
-    engine = _engine(model, dtype, device)
+    engine = _engine(model, dtype, device, draft_model)
     _stream(engine, prompt if raw else [{"role": "user", "content": prompt}], options)
 
 
 @main.command()
 @click.option("--system", default=None, help="System message.")
 @_model_options
+@_draft_model_option
 @_generation_options
 @library_errors
-def chat(system, model, dtype, device, **options):
+def chat(system, model, dtype, device, draft_model, **options):
     """Chat in the terminal; the history is kept and drafted from. Empty line or Ctrl-D ends.
 
     Example: ragspec chat --stats
     """
-    engine = _engine(model, dtype, device)
+    engine = _engine(model, dtype, device, draft_model)
     history = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -141,16 +159,17 @@ def chat(system, model, dtype, device, **options):
 @click.option("--show-sources", is_flag=True, help="List the retrieved chunks after the answer.")
 @click.option("--home", default=None, envvar="RAGSPEC_INDEX_HOME", help="Folder holding the indexes.")
 @_model_options
+@_draft_model_option
 @_generation_options
 @library_errors
-def ask(question, index_name, k, scope, show_sources, home, model, dtype, device, **options):
+def ask(question, index_name, k, scope, show_sources, home, model, dtype, device, draft_model, **options):
     """Answer QUESTION from an index: retrieve k chunks, generate with retrieval drafts.
 
     Example: ragspec ask --index austen "Who does Elizabeth marry?" --stats --show-sources
     """
     from ragspec.config import SpecConfig
 
-    engine = _engine(model, dtype, device, index_home=home, spec=SpecConfig(datastore_scope=scope))
+    engine = _engine(model, dtype, device, draft_model, index_home=home, spec=SpecConfig(datastore_scope=scope))
     result = _stream(engine, question, {**options, "index": index_name, "k": k})
     if show_sources:
         for rank, chunk in enumerate(result.sources, 1):
@@ -183,8 +202,10 @@ def info(model, dtype, device):
 @click.option("--spec-max-in-flight", default=None, type=click.IntRange(min=1),
               help="Requests admitted above this many in flight run without speculation [default: never off].")
 @_model_options
+@_draft_model_option
 @library_errors
-def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_flight, model, dtype, device):
+def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_flight, model, dtype, device,
+          draft_model):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions), /metrics and a web page at /.
 
     Example: ragspec serve --index austen --port 8000
@@ -194,7 +215,7 @@ def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_f
     check_installed()
     config = ServerConfig(api_key=api_key, index=index_name, max_tokens_limit=max_tokens_limit,
                           spec_max_in_flight=spec_max_in_flight)
-    engine = _engine(model, dtype, device, index_home=home)
+    engine = _engine(model, dtype, device, draft_model, index_home=home)
     if index_name:
         engine.open_index(index_name)
     run_server(engine, config, host=host, port=port)

@@ -247,15 +247,11 @@ def test_draft_model_given_by_path_is_loaded_once_per_engine(tiny_llama, tokeniz
     import ragspec.models
 
     monkeypatch.setenv("RAGSPEC_KERNELS", "plain")
-    draft = build_tiny_model("llama", len(tokenizer), seed=0)  # the fixture's weights, sharpened
-    with torch.no_grad():
-        draft.lm_head.weight.mul_(SHARPEN)
-    draft.save_pretrained(tmp_path / "draft")
-    tokenizer.save_pretrained(tmp_path / "draft")
+    path = save_model(sharpened(build_tiny_model("llama", len(tokenizer), seed=0)), tokenizer, tmp_path / "draft")
     loads = []
     real_load = ragspec.models.load_model
     monkeypatch.setattr(ragspec.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    engine = model_engine(tiny_llama, str(tmp_path / "draft"), cost_aware=False)
+    engine = model_engine(tiny_llama, path, cost_aware=False)
     plain = Engine(tiny_llama, latency_curve=FLAT_CURVE, prefix_cache=False)
     for prompt in ("a b c a b c a b", "Hello world! Hello world! Hello"):
         out = engine.generate(prompt, max_new_tokens=24)
@@ -318,3 +314,59 @@ def test_real_model_as_its_own_draft_model_equals_plain(real_model):
         out = engine.generate(prompt, max_new_tokens=24)
         assert out.token_ids == plain.generate(prompt, max_new_tokens=24, speculative=False).token_ids
         assert out.stats.mean_acceptance_length >= 2.5, out.stats.as_dict()
+
+
+def deep_twin(model, extra_layers: int):
+    """`model` with `extra_layers` more decoder layers whose output projections are zero: each
+    adds nothing to the residual stream, so the logits are exactly `model`'s, at several times
+    the cost (a target whose draft model is cheap, with the same argmax)."""
+    from transformers import AutoModelForCausalLM
+
+    attention = model.config._attn_implementation
+    config = type(model.config)(**{**model.config.to_dict(), "num_hidden_layers": model.config.num_hidden_layers + extra_layers})
+    deep = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention).eval()
+    deep.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        for layer in deep.model.layers[model.config.num_hidden_layers:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return deep
+
+
+def save_model(model, tokenizer, path) -> str:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def sharpened(model, factor: float = SHARPEN):
+    with torch.no_grad():
+        model.lm_head.weight.mul_(factor)
+    return model
+
+
+def test_cli_generate_with_a_draft_model(tokenizer, tmp_path, monkeypatch):
+    """A target four times the draft model's cost (its deep twin) with the same argmax: the
+    drafter pays under the measured latency curve and the reply is the plain one."""
+    from click.testing import CliRunner
+
+    from ragspec.cli import main
+
+    monkeypatch.setenv("RAGSPEC_KERNELS", "plain")
+    small = build_tiny_model("llama", len(tokenizer), seed=0)
+    target = save_model(deep_twin(small, extra_layers=16), tokenizer, tmp_path / "target")
+    draft = save_model(sharpened(small), tokenizer, tmp_path / "draft")
+    common = ["--model", target, "--dtype", "float32", "--device", "cpu", "--max-new-tokens", "24"]
+    runner = CliRunner()
+    spec = runner.invoke(main, ["generate", "a b c a b c a b", "--raw", "--stats", "--draft-model", draft, *common])
+    assert spec.exit_code == 0, spec.output
+    plain = runner.invoke(main, ["generate", "a b c a b c a b", "--raw", "--no-spec", *common])
+    assert plain.exit_code == 0 and plain.stdout == spec.stdout
+    assert "source model: accepted" in spec.stderr, spec.stderr
+
+    other_tokenizer = copy.deepcopy(tokenizer)
+    other_tokenizer.add_tokens(["<an-extra-token>"])
+    other = save_model(build_tiny_model("llama", len(other_tokenizer), seed=1), other_tokenizer, tmp_path / "other")
+    refused = runner.invoke(main, ["generate", "hi", "--draft-model", other, *common])
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("Error: draft model other has another tokenizer than target target"), refused.stderr

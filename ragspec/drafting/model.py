@@ -30,7 +30,7 @@ import hashlib
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ragspec import kvcache
-from ragspec.config import SamplingConfig
+from ragspec.config import SamplingConfig, SpecConfig
 from ragspec.drafting.base import DraftContext
 from ragspec.drafting.tree import prune
 from ragspec.errors import ConfigError
@@ -516,16 +516,26 @@ def check_tokenizer(draft: LoadedModel, target: LoadedModel) -> None:
         )
 
 
+def engine_draft_model(engine, model: str | LoadedModel | None) -> LoadedModel:
+    """The draft model for `engine`: a LoadedModel as given, a path loaded once per engine."""
+    if isinstance(model, LoadedModel) or model is None:
+        return load_draft_model(model, engine.target)
+    return engine.shared_state(f"draft-model:{model}", lambda: load_draft_model(model, engine.target))
+
+
+def with_draft_model(spec: SpecConfig | None, model: str | LoadedModel, **knobs) -> SpecConfig:
+    """`spec` (default SpecConfig()) with the "model" drafter added, drafting with `model`."""
+    spec = spec or SpecConfig()
+    options = tuple(option for option in spec.options if not isinstance(option, ModelDraftConfig))
+    drafters = spec.drafters if "model" in spec.drafters else (*spec.drafters, "model")
+    return replace(spec, drafters=drafters, options=(*options, ModelDraftConfig(model=model, **knobs)))
+
+
 def build_model_drafter(request: DraftRequest, config: ModelDraftConfig) -> ModelTreeDrafter:
-    """A fresh drafter (own KV cache and generator) per request; a draft model given by path is
-    loaded once per engine."""
+    """A fresh drafter (own KV cache and generator) per request; the weights are shared."""
     engine = request.engine
-    target = engine.target
-    if isinstance(config.model, LoadedModel) or config.model is None:
-        draft = load_draft_model(config.model, target)
-    else:
-        draft = engine.shared_state(f"draft-model:{config.model}", lambda: load_draft_model(config.model, target))
+    draft = engine_draft_model(engine, config.model)
     return ModelTreeDrafter(
         DraftLM.of(draft), "model", config, engine.budget, sampling=request.sampling,
-        vocab_size=int(target.model.config.vocab_size),
+        vocab_size=int(engine.target.model.config.vocab_size),
     )
