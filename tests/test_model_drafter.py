@@ -133,6 +133,9 @@ def test_tree_rows_see_their_path_and_the_cache_equals_recomputation(arch, token
             continue
         q = causal_probs(model, tokens + path_tokens(tree, parent))
         assert [int(tree.token_ids[k]) for k in kids] == q.topk(3).indices.tolist()[: len(kids)]
+        (distribution,) = tree.draws[parent]  # q left for RASD pruning; nothing drawn at random
+        assert distribution.tokens == ()
+        torch.testing.assert_close(distribution.probs, q, atol=1e-5, rtol=1e-3)
         for k in kids:
             assert tree.draft_probs[k] == pytest.approx(float(q[tree.token_ids[k]]), rel=1e-3, abs=1e-6)
             parent_score = 1.0 if parent == ROOT else tree.scores[parent]

@@ -13,7 +13,9 @@ Two parts:
   never rise from parent to child) are fed in one batched forward and their best `top_k`
   children join the candidates. Greedy requests take the top-k children (deterministic nodes);
   sampling requests draw them at random without replacement from q (processed like the target's
-  distribution) and record the draws (`DraftTree.draws`) for lossless residual rejection.
+  distribution) and record the draws (`DraftTree.draws`) for lossless residual rejection. Either
+  way q at every expanded node stays in `draws` (greedy: with no tokens drawn), for the
+  fusion's RASD pruning of other drafters' nodes the model finds implausible.
 
 After verify, `observe` keeps the cache rows of the pending token and of the accepted nodes
 that were fed and drops the rest, so the next step feeds only what is missing (the bonus token,
@@ -361,7 +363,7 @@ class ModelTreeDrafter:
 
     def _add_children(self, candidates: _Candidates, parents: list[int], logits: torch.Tensor) -> None:
         """Children of each parent (ROOT or a node) from its logits row [len(parents), vocab]: top-k
-        (greedy) or drawn without replacement (sampling)."""
+        (greedy) or drawn without replacement (sampling); q at each parent goes into `draws`."""
         probs = self._draft_probs(logits).cpu()  # [rows, vocab]
         k = min(self.config.top_k, probs.shape[-1])
         if self.sampling.greedy:
@@ -370,8 +372,9 @@ class ModelTreeDrafter:
         else:
             drawn = [draw_without_replacement(row, k, self.generator) for row in probs]
         for parent, row, (tokens, token_probs) in zip(parents, probs, drawn):
-            if not self.sampling.greedy:
-                candidates.draws[parent] = (ModelDraws(probs=row.clone(), tokens=tuple(tokens)),)
+            # q at the parent: the tokens drawn from it when sampling; greedy top-k children are
+            # no draws, but q stays for the fusion's RASD pruning (drop_implausible)
+            candidates.draws[parent] = (ModelDraws(probs=row, tokens=() if self.sampling.greedy else tuple(tokens)),)
             for token, q in zip(tokens, token_probs):
                 if q > 0:
                     candidates.add(parent, token, q, deterministic=self.sampling.greedy)
