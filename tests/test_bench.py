@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -262,3 +263,46 @@ def test_bf16_report_carries_the_fp32_judgement(tiny_engine) -> None:
               "torch_version": "t", "transformers_version": "t", "created": "now", "workloads": [entry],
               "summary": {}}
     assert "ragspec: 1 of 2 outputs diverge from ragspec-ar; fp32 top-2 gaps there: " in render_markdown(report)
+
+
+def test_model_draft_methods_and_a_sampled_run(tiny_engine, data_dir: Path, tmp_path: Path) -> None:
+    """With a draft model (here the target itself, so every draft is right): ragspec fuses it,
+    ragspec-model / hf-assisted use it, and all greedy outputs equal ragspec-ar's; a sampled run
+    reports acceptance but compares no outputs."""
+    import copy
+
+    import torch
+
+    from ragspec.engine import Engine
+    from ragspec.engine.budget import LatencyCurve
+
+    FLAT = LatencyCurve(rows=(1, 64), seconds=(0.010, 0.0101), adapt=False)
+    prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "alpha beta gamma delta alpha beta gamma"}])
+    # a random model's next-token distribution is nearly flat (q ~ 1/vocab): no budget would verify
+    # its drafts; a sharper head makes it confident, as a trained model is
+    target = dataclasses.replace(tiny_engine.target, model=copy.deepcopy(tiny_engine.target.model))
+    with torch.no_grad():
+        target.model.lm_head.weight.mul_(40.0)
+    engine = Engine(target, latency_curve=FLAT, persist_state=False)  # timing-independent budget
+    methods = ("ragspec", "ragspec-model", "ragspec-self", "hf-greedy", "hf-assisted", "hf-early-exit")
+    greedy = BenchOptions(workloads=(f"jsonl:{prompts}", "spec_bench:writing"), methods=methods, data_dir=str(data_dir),
+                          limit=1, max_new_tokens=10, json_path=str(tmp_path / "g" / "report.json"), plots=False,
+                          warmup=False)
+    with pytest.raises(ConfigError, match="ragspec-model needs a draft model"):
+        run_benchmark(greedy, engine=engine)  # refused before any timing
+    report = run_benchmark(greedy, engine=engine, draft=target)
+    for workload in report["workloads"]:
+        entries = workload["methods"]
+        assert list(entries) == ["ragspec-ar", *methods]
+        assert all(entries[name]["identical_outputs"] is True for name in methods), {n: e.get("divergences") or e["identical_outputs"] for n, e in entries.items()}
+        assert entries["ragspec-model"]["mean_acceptance_length"] > 1.0  # the target drafting for itself
+    overall = report["spec_bench_overall"]
+    assert overall["categories"] == 1 and overall["methods"]["ragspec-model"]["mean_acceptance_length"] > 1.0
+
+    sampled = dataclasses.replace(greedy, methods=("ragspec", "ragspec-model", "hf-greedy"),
+                                  temperature=0.7, seed=3, json_path=str(tmp_path / "s" / "report.json"))
+    report = run_benchmark(sampled, engine=engine, draft=target)
+    for workload in report["workloads"]:
+        assert all(m["identical_outputs"] is None for m in workload["methods"].values())
+        assert workload["methods"]["ragspec-model"]["mean_acceptance_length"] > 1.0
+    assert "samples at temperature 0.7" in (tmp_path / "s" / "report.md").read_text()

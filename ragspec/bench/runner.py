@@ -53,9 +53,12 @@ log = logging.getLogger(__name__)
 WARMUP_MESSAGES = ({"role": "user", "content": "Say hello and count from one to five."},)
 WARMUP_TOKENS = 8
 
-def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = None) -> dict:
-    """Benchmark, write JSON + Markdown + plots under options.json_path, return the report."""
-    engine, draft = _as_engine(engine, options)
+def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = None,
+                  draft: LoadedModel | None = None) -> dict:
+    """Benchmark, write JSON + Markdown + plots under options.json_path, return the report.
+    `draft`: a loaded draft model (else options.draft_model is loaded, if set)."""
+    engine, loaded_draft = _as_engine(engine, options, draft)
+    draft = draft or loaded_draft
     workloads = load_workloads(options, engine)
     setup = MethodSetup(options.model, draft, Sampling(options.temperature, options.seed))
     methods = build_methods(options.methods, engine, setup)
@@ -78,13 +81,14 @@ def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = N
     return report
 
 
-def _as_engine(engine: Engine | LoadedModel | None, options: BenchOptions) -> tuple[Engine, LoadedModel | None]:
-    """The run's engine and draft model. With a draft model, `ragspec` fuses it with every default
-    drafter (an Engine passed in is used as given)."""
+def _as_engine(engine: Engine | LoadedModel | None, options: BenchOptions,
+               draft: LoadedModel | None) -> tuple[Engine, LoadedModel | None]:
+    """The run's engine and draft model (`draft`, else options.draft_model loaded). With a draft
+    model, `ragspec` fuses it with every default drafter (an Engine passed in is used as given)."""
     if isinstance(engine, Engine):
-        return engine, load_draft_model(options.draft_model, engine.target)
+        return engine, draft or load_draft_model(options.draft_model, engine.target)
     target = engine if isinstance(engine, LoadedModel) else _load_target(options)
-    draft = load_draft_model(options.draft_model, target)
+    draft = draft or load_draft_model(options.draft_model, target)
     spec = model_draft_spec(draft, default_drafters()) if draft is not None else SpecConfig()
     if isinstance(engine, LoadedModel):
         return Engine(engine, spec=spec, persist_state=False), draft
