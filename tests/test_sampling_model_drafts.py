@@ -395,3 +395,135 @@ def test_logits_on_another_dtype_and_no_draws_at_a_reached_node():
     tree = mixed_root_tree(torch.Generator().manual_seed(2))
     result = accept_sampled(tree, logits_for(tree).half(), sampling, torch.Generator().manual_seed(0))
     assert 0 <= result.bonus_token < VOCAB and len(result.accepted_nodes) <= 1
+
+
+# -- end to end: a model drafter fused with the context drafter, through Engine.generate -----
+
+E2E_PROMPT = "a b c a b c a b c a b"
+E2E_SAMPLING = {"temperature": 1.0, "top_k": 5}
+E2E_RUNS = 500
+SHARPEN = 20.0  # the tiny model's logits are nearly flat (std 0.16): scaled, plain sampling has a shape
+
+
+def sharpened_tiny_llama(tokenizer, noise: float = 0.0):
+    """The tiny llama with its output weights scaled; with `noise`, every weight matrix perturbed
+    by that fraction of its std (another seed): a draft model that agrees with it in part."""
+    from conftest import build_tiny_model
+
+    from ragspec import LoadedModel
+    from ragspec.kernels.select import choose_kernels
+
+    model = build_tiny_model("llama", len(tokenizer), seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(SHARPEN)
+        for weight in (w for w in model.parameters() if w.dim() > 1 and noise):
+            weight.add_(torch.randn(weight.shape, generator=generator) * weight.std() * noise)
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, name="tiny-llama-sharp")
+    if not noise:
+        loaded.kernels = choose_kernels(loaded, mode="fast")
+    return loaded
+
+
+class NoisyCopyDrafter:
+    """A model drafter over a noisy copy of the target: at the pending token its top-1 token
+    (deterministic) and 2 draws without replacement from its q; under the first draw the same
+    again, the second draw there pruned (in `draws` only). Counts what the target accepted."""
+
+    name = "model"
+
+    def __init__(self, model: torch.nn.Module, sampling: SamplingConfig, seed: int, counts: dict[str, int]):
+        self.model, self.sampling, self.counts = model, sampling, counts
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _q(self, tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([tokens])).logits[0, -1]
+        return target_probs(logits[None], self.sampling)[0]  # [vocab]
+
+    def propose(self, context) -> DraftTree:
+        from ragspec.drafting.tree import TrieBuilder
+
+        if context.max_nodes < 6:
+            return DraftTree.empty()
+        tokens, trie = context.tokens.tolist(), TrieBuilder()
+        q_root = self._q(tokens)
+        roots = draw_without_replacement(q_root, 2, self.generator)
+        trie.add(ROOT, int(q_root.argmax()), 0.6, self.name, float(q_root.max()), deterministic=True)
+        first = trie.add(ROOT, roots[0], 0.4, self.name, float(q_root[roots[0]]), deterministic=False)
+        trie.add(ROOT, roots[1], 0.2, self.name, float(q_root[roots[1]]), deterministic=False)
+        trie.add_draws(ROOT, (ModelDraws(q_root, roots),))
+        q_child = self._q(tokens + [roots[0]])
+        below = draw_without_replacement(q_child, 2, self.generator)
+        trie.add(first, int(q_child.argmax()), 0.3, self.name, float(q_child.max()), deterministic=True)
+        trie.add(first, below[0], 0.2, self.name, float(q_child[below[0]]), deterministic=False)
+        trie.add_draws(first, (ModelDraws(q_child, below),))
+        return trie.build()
+
+    def observe(self, step) -> None:
+        tree, nodes = step.tree, step.accept.accepted_nodes
+        deterministic = tree.is_deterministic()
+        self.counts["point mass"] += sum(bool(deterministic[n]) for n in nodes)
+        self.counts["draw"] += sum(not deterministic[n] for n in nodes)
+        last = nodes[-1] if nodes else ROOT
+        pruned = {t for draws in tree.draws.get(last, ()) for t in draws.tokens} - set(
+            tree.token_ids[tree.parents == last].tolist())
+        self.counts["pruned draw"] += step.accept.bonus_token in pruned
+
+
+def plain_distribution(target, prompt_ids: list[int], sampling: SamplingConfig, depth: int) -> dict[tuple, float]:
+    """P(first `depth` generated tokens) under plain sampling, from the model's logits."""
+    paths = {(): 1.0}
+    for _ in range(depth):
+        grown = {}
+        for path, mass in paths.items():
+            with torch.no_grad():
+                logits = target.model(input_ids=torch.tensor([prompt_ids + list(path)])).logits[0, -1]
+            top = torch.topk(logits.float(), sampling.top_k + 1).values
+            assert float(top[-2] - top[-1]) > 1e-3, "a near tie at the top-k edge: the reference is fragile"
+            probs = target_probs(logits[None], sampling)[0].double()
+            for token in torch.nonzero(probs).flatten().tolist():
+                grown[path + (token,)] = mass * float(probs[token])
+        paths = grown
+    return paths
+
+
+def test_engine_sampling_with_model_drafts_matches_plain_sampling(tokenizer):
+    """Engine.generate with the model drafter fused with the context drafter: the first three
+    tokens (the first from the prefill, the next two through the first tree) have plain
+    sampling's joint distribution, computed exactly from the model's logits."""
+    from conftest import FLAT_CURVE
+
+    from ragspec import Engine
+    from ragspec.drafting.context_suffix import ContextSuffixDrafter
+
+    target = sharpened_tiny_llama(tokenizer)
+    draft_model = sharpened_tiny_llama(tokenizer, noise=0.1).model
+    sampling = SamplingConfig(**E2E_SAMPLING)
+    counts = {"point mass": 0, "draw": 0, "pruned draw": 0}
+    seeds = iter(range(10**6, 10**7))
+
+    def drafters(engine):
+        return [NoisyCopyDrafter(draft_model, sampling, next(seeds), counts), ContextSuffixDrafter(engine.spec)]
+
+    engine = Engine(target, latency_curve=FLAT_CURVE, prefix_cache=False, drafter_factories=[drafters])
+    prompt_ids = engine.encode(E2E_PROMPT)
+    exact_paths = plain_distribution(target, prompt_ids, sampling, depth=3)
+    cells = {path: i for i, path in enumerate(exact_paths)}
+    observed = np.zeros(len(cells))
+    for seed in range(E2E_RUNS):
+        out = engine.generate(E2E_PROMPT, max_new_tokens=3, seed=seed, **E2E_SAMPLING)
+        observed[cells[tuple(out.token_ids)]] += 1  # KeyError: a path plain sampling cannot produce
+    print(f"{E2E_RUNS} runs, accepted: {counts}")
+    assert counts["draw"] > E2E_RUNS // 5 and counts["point mass"] > E2E_RUNS // 10
+    triple = np.asarray(list(exact_paths.values()))
+    stat, dof, p_value = chi_square_p_value(observed, triple)
+    assert p_value > PASS_P_VALUE, f"(x1, x2, x3): chi-square {stat:.1f} over {dof} dof, p = {p_value:.2e}"
+    # the last two tokens, x1 summed out: what the tree decided
+    pairs = sorted({path[1:] for path in exact_paths})
+    marginal = np.zeros((2, len(pairs)))
+    for path, i in cells.items():
+        marginal[0, pairs.index(path[1:])] += observed[i]
+        marginal[1, pairs.index(path[1:])] += exact_paths[path]
+    stat, dof, p_value = chi_square_p_value(marginal[0], marginal[1])
+    assert p_value > PASS_P_VALUE, f"(x2, x3): chi-square {stat:.1f} over {dof} dof, p = {p_value:.2e}"

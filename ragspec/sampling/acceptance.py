@@ -29,10 +29,11 @@ long as x_i, given all that, really is a sample of q_i (draws without replacemen
 after a rejection depends on x_i's distribution, never on x_i itself, so mixing over x_i is
 harmless. Deeper nodes repeat this with their own rows: the emitted sequence is plain sampling.
 
-Precondition for exactness (the drafters' and the pruner's side of the contract): which point
-masses and draws a node has must not depend on the outcome of that node's own random draws
-beyond what `draws` records, e.g. a budget that drops a retrieval node *because* a model's draw
-scored higher conditions the draws on that event.
+Precondition (the drafters' and the pruner's side): given everything the walk has used before
+it judges x_i (earlier coins and draws, and which deterministic children the nodes on its way
+have), x_i must still be a sample of q_i. Drafting meets it; a pruner that keeps or drops a
+deterministic node by comparing it with drawn nodes' scores (which depend on what was drawn)
+breaks it slightly: the kept point masses then carry information about the draws.
 
 The arithmetic of the residuals runs in float64 on the CPU (the target row is moved once).
 Trees without draws take exactly the old code path, so seeded outputs do not change.
