@@ -527,3 +527,18 @@ def test_engine_sampling_with_model_drafts_matches_plain_sampling(tokenizer):
         marginal[1, pairs.index(path[1:])] += exact_paths[path]
     stat, dof, p_value = chi_square_p_value(marginal[0], marginal[1])
     assert p_value > PASS_P_VALUE, f"(x2, x3): chi-square {stat:.1f} over {dof} dof, p = {p_value:.2e}"
+
+
+def test_draws_without_tokens_take_the_old_path():
+    """A greedy model drafter leaves q in `draws` with no tokens drawn: the same random draws as
+    a tree without draws, so seeded outputs do not change."""
+    sampling = SamplingConfig(temperature=1.0)
+    q_only = model_draw_tree({ROOT: [(Q_A, (), 0)]})
+    q_only.add(3, ROOT, True)
+    q_only.add(0, ROOT, True)
+    tree = q_only.tree("model")
+    plain = DraftTree(tree.token_ids, tree.parents, tree.scores, tree.sources)
+    logits = logits_for(tree)
+    for seed in range(50):
+        with_q = accept_sampled(tree, logits, sampling, torch.Generator().manual_seed(seed))
+        assert with_q == accept_sampled(plain, logits, sampling, torch.Generator().manual_seed(seed))

@@ -36,7 +36,8 @@ deterministic node by comparing it with drawn nodes' scores (which depend on wha
 breaks it slightly: the kept point masses then carry information about the draws.
 
 The arithmetic of the residuals runs in float64 on the CPU (the target row is moved once).
-Trees without draws take exactly the old code path, so seeded outputs do not change.
+Trees without draws (or whose ModelDraws drew no tokens: a greedy drafter keeps q for pruning)
+take exactly the old code path, so seeded outputs do not change.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def accept_sampled(
     tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
 ) -> AcceptResult:
     """logits: [1 + num_nodes, vocab], row 0 for the pending token. Lossless: see the module doc."""
-    if tree.draws:
+    if any(model_draws.tokens for draws in tree.draws.values() for model_draws in draws):
         return _walk_with_draws(tree, logits, sampling, generator)
 
     def draw(row: int) -> int:
@@ -124,6 +125,7 @@ def _sample_node(
 ) -> int:
     """One exact sample of `probs` [1, vocab] (float32, CPU) that lands on a candidate whenever
     the rejection scheme allows. The caller moves to the child carrying it, if any."""
+    draws = tuple(model_draws for model_draws in draws if model_draws.tokens)  # greedy drafters keep q only
     if not draws:  # point masses only: the old draw, from the same float32 probabilities
         return _draw(probs, generator)
     p = probs[0].detach().numpy().astype(np.float64)  # [vocab], a copy
