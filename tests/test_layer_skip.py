@@ -114,6 +114,7 @@ def random_ids(length: int, vocab: int, seed: int = 0) -> torch.Tensor:
 
 def self_engine(target: LoadedModel, drafters=("self",), draft: ModelDraftConfig | None = None, **config) -> Engine:
     draft = draft or ModelDraftConfig(cost_aware=False)  # always draft: the tests need drafts to check
+    config = {"min_predicted_speedup": 0.0, **config}  # tiny models' heavy output head: no set predicts a gain
     spec = SpecConfig(drafters=drafters, options=(SelfDraftConfig(calibration_tokens=64, draft=draft, **config),))
     return Engine(target, latency_curve=FLAT_CURVE, spec=spec, persist_state=False)
 
@@ -299,6 +300,19 @@ def test_low_measured_agreement_recalibrates_on_the_request(tokenizer, caplog):
     assert "recalibrated on the request's" in caplog.text
     saved = read_choice(path, 4)
     assert saved.source == "request" and saved.skipped == (WEAK_LAYER,)
+
+
+def test_drafter_stays_off_while_the_calibration_predicts_a_loss(tokenizer, caplog):
+    """The tiny models' output head is most of a forward: no skip set can pay, the drafter is not
+    built; with min_predicted_speedup=0 the same engine drafts."""
+    target = four_layer_tiny("llama", tokenizer, seed=6)
+    with caplog.at_level(logging.WARNING):
+        off = self_engine(target, min_predicted_speedup=1.0).generate("the cat sat on the", max_new_tokens=8)
+    choice = read_choice(choice_path(target), 4)
+    assert choice.speedup < 1.0 and "the self drafter stays off" in caplog.text
+    assert "self" not in off.stats.draft_latencies_s
+    on = self_engine(target, min_predicted_speedup=0.0).generate("the cat sat on the", max_new_tokens=8)
+    assert on.token_ids == off.token_ids and on.stats.draft_latencies_s.get("self")
 
 
 # ---- lossless --------------------------------------------------------------------------------

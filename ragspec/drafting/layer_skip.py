@@ -74,7 +74,8 @@ class SelfDraftConfig:
     calibration_tokens: int = 256  # tokens the skip set is chosen on (prompt, else the text)
     calibration_text_path: str | None = None  # a text file to calibrate on; None: a built-in text
     search_shortlist: int = 4  # greedy rounds after the first re-measure this many best candidates
-    recalibrate_below: float = 0.5  # recalibrate when measured acceptance < this x predicted ...
+    min_predicted_speedup: float = 1.0  # requests get no drafter while the skip set predicts less (0: always)
+    recalibrate_below: float = 0.5  # recalibrate when measured agreement < this x predicted (0: never) ...
     monitor_steps: int = 32  # ... as an EMA over this many steps (and after at least this many)
     skipped: tuple[int, ...] | None = None  # a fixed skip set: no calibration, no recalibration
     draft: object | None = None  # ModelDraftConfig for the tree drafter
@@ -89,6 +90,8 @@ class SelfDraftConfig:
                               f"{self.max_skip_ratio}")
         if self.calibration_tokens < 8 or self.search_shortlist < 1 or self.monitor_steps < 1:
             raise ConfigError("calibration_tokens >= 8, search_shortlist >= 1 and monitor_steps >= 1 are needed")
+        if self.min_predicted_speedup < 0:
+            raise ConfigError(f"min_predicted_speedup must be >= 0, got {self.min_predicted_speedup}")
         if not 0.0 <= self.recalibrate_below <= 1.0:
             raise ConfigError(f"recalibrate_below must be in [0, 1], got {self.recalibrate_below}")
 
@@ -267,6 +270,8 @@ def calibrate(model, tokens: torch.Tensor, config: SelfDraftConfig, source: str 
         skipped.append(remaining[0])
         agreement, cost = scores[remaining[0]], view_cost(model, skipped)
         speedup = predicted_speedup(agreement, cost)
+        log.debug("self-draft calibration: skip %s: agreement %.3f, cost %.3f, predicted %.2fx",
+                  sorted(skipped), agreement, cost, speedup)
         if len(skipped) >= lowest and (best is None or speedup > best.speedup):
             best = SkipChoice(tuple(sorted(skipped)), num_layers, agreement, cost, speedup,
                               int(tokens.shape[1]), source)
@@ -464,14 +469,34 @@ def root_top1(tree: DraftTree) -> int | None:
     return int(tree.token_ids[roots[np.argmax(tree.draft_probs[roots])]])
 
 
-def build_self_drafter(request, config: SelfDraftConfig) -> SelfSpecDrafter:
+_announced_off: set[SkipChoice] = set()  # choices whose "stays off" was already logged
+
+
+def announce_off(choice: SkipChoice, message: str, *args) -> None:
+    """Warn once per choice (then debug): every request would repeat it."""
+    (log.debug if choice in _announced_off else log.warning)(message, *args)
+    _announced_off.add(choice)
+
+
+def build_self_drafter(request, config: SelfDraftConfig) -> SelfSpecDrafter | None:
     """The registry's factory: the view is built (and the skip set calibrated or read from the
-    cache) once per engine and config; each request gets its own tree drafter and KV cache."""
+    cache) once per engine and config; each request gets its own tree drafter and KV cache.
+
+    None (no drafter for the request) while the calibrated skip set predicts a speedup below
+    `min_predicted_speedup`: its view then agrees too rarely for what a forward costs, and even
+    the tree drafter's cost rule, which would stop drafting after a few steps, still pays for
+    those steps and for its periodic re-measuring."""
     from ragspec.drafting.model import DraftLM, ModelDraftConfig, ModelTreeDrafter
 
     engine, target = request.engine, request.engine.target
     key = f"self-draft:{(config.min_skip_ratio, config.max_skip_ratio, config.calibration_tokens, config.skipped)}"
     state = engine.shared_state(key, lambda: SelfDraftState(target, config, request.prompt_ids))
+    if state.choice is not None and state.choice.speedup < config.min_predicted_speedup:
+        announce_off(state.choice, "self-draft: skipping %s of %d layers predicts %.2fx plain decoding "
+                  "(top-1 agreement %.2f at %.2f of a target forward): the self drafter stays off",
+                  list(state.choice.skipped), state.choice.num_layers, state.choice.speedup,
+                  state.choice.agreement, state.choice.cost)
+        return None
 
     def make_inner(view: torch.nn.Module) -> ModelTreeDrafter:
         lm = DraftLM(view, view.config, device=target.device, dtype=target.dtype, new_cache=new_view_cache,
