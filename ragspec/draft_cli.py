@@ -63,10 +63,12 @@ def _load_target(model, threads, dtype="float32"):
 @click.option("--top-k", type=click.IntRange(min=1), default=None, help="Teacher log-probabilities kept per position.")
 @click.option("--seed", type=click.IntRange(min=0), default=None)
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints.")
+@click.option("--stop-after", type=click.IntRange(min=1), default=None,
+              help="Run at most this many steps now and leave a checkpoint (continue with --resume).")
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in the output dir.")
 @click.option("--restart", is_flag=True, help="Drop a checkpointed run in the output dir and start over.")
 @library_errors
-def train(model, data_dir, threads, quiet, out, layers, resume, restart, **overrides):
+def train(model, data_dir, threads, quiet, out, layers, stop_after, resume, restart, **overrides):
     """Distil a draft model from the target on this machine (CPU).
 
     The target answers training prompts built from the book, L-Eval documents and NQ-open (never
@@ -83,7 +85,10 @@ def train(model, data_dir, threads, quiet, out, layers, resume, restart, **overr
 
     draft_layers(target, config)  # bad layer numbers fail before any work
     click.echo(f"reproduce with: {_command(config, model, out, threads, target)}", err=True)
-    result = train_draft(target, config, out, resume=resume, restart=restart, progress=not quiet)
+    result = train_draft(target, config, out, resume=resume, restart=restart, progress=not quiet, stop_after=stop_after)
+    if not result.finished:
+        click.echo(f"stopped at step {result.steps} of {config.steps}: continue with the same command and --resume")
+        return
     size = sum(f.stat().st_size for f in result.path.iterdir() if f.is_file())
     click.echo(
         f"draft model: {result.path} ({size / 2**20:.1f} MiB, {result.steps} steps"

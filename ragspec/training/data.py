@@ -146,7 +146,7 @@ def build_prompts(data_dir: Path, plan: DataPlan, seed: int) -> list[Messages]:
     if not paragraphs and not docs:
         raise ConfigError(f"no training text under {data_dir}: expected {BOOK_FILE} or {LONGDOC_DIR}/*.jsonl")
     num_nq = min(len(questions), round(plan.num_prompts * plan.nq_share))
-    num_passage = round(plan.num_prompts * plan.passage_share)
+    num_passage = min(round(plan.num_prompts * plan.passage_share), plan.num_prompts - num_nq)
     prompts = [_user(q[:1].upper() + q[1:] + "?") for q in rng.sample(questions, num_nq)]
     prompts += [_passage_prompt(paragraphs, docs, plan.max_passage_chars, rng) for _ in range(num_passage)]
     prompts += [_user(_generic_task(rng)) for _ in range(plan.num_prompts - len(prompts))]

@@ -15,6 +15,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -77,12 +78,13 @@ class DraftTrainResult:
     path: Path  # the HF model directory
     steps: int
     final_loss: float  # mean loss over the last 10% of steps
-    first_loss: float  # mean loss over the first 10% of steps (of this training, resumed or not)
+    first_loss: float  # mean loss over the first 10% of steps
     losses: list[float]  # [steps]
     wall_s: float  # this call, data preparation included
     num_sequences: int
     num_tokens: int  # teacher positions in the training data
     resumed_from: int  # the step a resumed run started at (0: a fresh run)
+    finished: bool = True  # False: stopped early (stop_after), checkpointed, not exported
 
 
 def default_draft_dir(target: LoadedModel) -> Path:
@@ -96,12 +98,14 @@ def is_trained(path: Path) -> bool:
 
 
 def train_draft(target: LoadedModel, config: DraftTrainConfig = DraftTrainConfig(), out_dir: Path | None = None,
-                *, resume: bool = False, restart: bool = False, progress: bool = True) -> DraftTrainResult:
+                *, resume: bool = False, restart: bool = False, progress: bool = True,
+                stop_after: int | None = None) -> DraftTrainResult:
     """Distil a draft model from `target` into `out_dir` (default: `default_draft_dir`).
 
     A checkpoint is written to `out_dir/training/` every `checkpoint_every` steps; `resume`
     continues from it (same settings), `restart` drops it; with neither, an existing checkpoint
-    is an error rather than silently lost work. Teacher data is cached under the cache dir and
+    is an error rather than silently lost work. `stop_after`: run at most that many steps now and
+    leave the checkpoint (a time-boxed share of a busy machine). Teacher data is cached under the cache dir and
     reused by any run with the same data settings."""
     config.check()
     start = time.perf_counter()
@@ -116,13 +120,17 @@ def train_draft(target: LoadedModel, config: DraftTrainConfig = DraftTrainConfig
     if state is not None:
         trainer.restore(state)
     resumed_from = trainer.step
-    trainer.run(checkpoint_path, settings, progress=progress)
-    losses = trainer.losses[resumed_from:] or trainer.losses
+    trainer.run(checkpoint_path, settings, progress=progress,
+                stop_at=None if stop_after is None else resumed_from + stop_after)
+    losses = trainer.losses  # every step's, resumed runs included
     tail = max(1, len(losses) // 10)
     result = DraftTrainResult(
         path=out_dir, steps=trainer.step, final_loss=float(np.mean(losses[-tail:])),
         first_loss=float(np.mean(losses[:tail])), losses=list(trainer.losses), wall_s=time.perf_counter() - start,
-        num_sequences=len(data.lengths), num_tokens=data.num_tokens, resumed_from=resumed_from)
+        num_sequences=len(data.lengths), num_tokens=data.num_tokens, resumed_from=resumed_from,
+        finished=trainer.step >= config.steps)
+    if not result.finished:
+        return result
     export_draft(student, target, out_dir, layers, config, result)
     checkpoint_path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # empty once the run is finished
@@ -238,6 +246,20 @@ def distill_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     return kl.mean()
 
 
+@torch.inference_mode()
+def mean_loss(model: torch.nn.Module, data: TeacherData, rows: Sequence[int] | None = None) -> float:
+    """The distillation loss of `model` over sequences `rows` of `data` (default: all), per position."""
+    total, positions = 0.0, 0
+    for row in range(len(data.lengths)) if rows is None else rows:
+        length = int(data.lengths[row])
+        logits = model(input_ids=torch.from_numpy(data.tokens[row:row + 1, :length]).long()).logits[0]
+        ids = torch.from_numpy(data.topk_ids[row, :length]).long()
+        logprobs = torch.from_numpy(data.topk_logprobs[row, :length].astype(np.float32))
+        total += float(distill_loss(logits, ids, logprobs)) * length
+        positions += length
+    return total / max(1, positions)
+
+
 class DraftTrainer:
     """AdamW on the student's decoder layers and final norm; the data order and learning rate
     are functions of the step, so a run resumed from a checkpoint repeats an uninterrupted one."""
@@ -306,18 +328,21 @@ class DraftTrainer:
         self.losses.append(float(loss.detach()))
         return self.losses[-1], int(valid.sum())
 
-    def run(self, checkpoint_path: Path, settings: str, progress: bool = True) -> None:
+    def run(self, checkpoint_path: Path, settings: str, progress: bool = True, stop_at: int | None = None) -> None:
+        """Train up to `config.steps` (or `stop_at`), checkpointing every `checkpoint_every` steps and
+        where it stops."""
         from tqdm.auto import tqdm
 
         config = self.config
         bar = tqdm(total=config.steps, initial=self.step, desc="distilling", unit="step", disable=not progress)
         started, seen = time.perf_counter(), 0
-        while self.step < config.steps:
+        end = config.steps if stop_at is None else min(stop_at, config.steps)
+        while self.step < end:
             loss, positions = self.train_step()
             seen += positions
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{seen / (time.perf_counter() - started):.0f}")
-            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+            if self.step % config.checkpoint_every == 0 or self.step == end:
                 self.save(checkpoint_path, settings)
         bar.close()
 
