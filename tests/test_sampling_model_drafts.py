@@ -242,7 +242,7 @@ def test_residual_rejection_beats_point_masses_on_the_same_candidates():
 BUGS = {
     "accept with p(x)": "a draw accepted with probability p(x), not min(1, p(x) / q_i(x))",
     "q not renormalised": "every draw judged against q itself, not q without the earlier draws",
-    "point masses kept": "the residual after the point masses keeps their tokens",
+    "final draw from p": "the last draw (point masses, bonus) from the target p, not from the residual",
 }
 
 
@@ -252,7 +252,6 @@ def root_acceptor(bug: str | None) -> Acceptor:
 
     def accept(tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator):
         children = {t: i for i, t in reversed(list(enumerate(tree.token_ids.tolist())))}
-        point_masses = [t for t, d in zip(tree.token_ids.tolist(), tree.is_deterministic().tolist()) if d]
 
         def emit(token: int) -> AcceptResult:
             node = children.get(token)
@@ -261,13 +260,7 @@ def root_acceptor(bug: str | None) -> Acceptor:
             row = target_probs(logits[node + 1 : node + 2], sampling)[0]
             return AcceptResult([node], [token], int(torch.multinomial(row, 1, generator=generator)))
 
-        p = target_probs(logits[:1], sampling)[0].double()
-        y = int(torch.multinomial(p, 1, generator=generator))
-        if y in point_masses:
-            return emit(y)
-        if bug != "point masses kept":
-            p[point_masses] = 0.0
-            p /= p.sum()
+        target = p = target_probs(logits[:1], sampling)[0].double()
         for draws in tree.draws[ROOT]:
             q = draws.probs.double().clone()
             for token in draws.tokens:
@@ -278,7 +271,8 @@ def root_acceptor(bug: str | None) -> Acceptor:
                 residual = (p - q_i).clamp_min(0.0)
                 p = residual / residual.sum() if residual.sum() > 0 else p
                 q[token] = 0.0
-        return emit(int(torch.multinomial(p, 1, generator=generator)))
+        final = target if bug == "final draw from p" else p
+        return emit(int(torch.multinomial(final, 1, generator=generator)))  # a point mass, or the bonus
 
     return accept
 

@@ -10,30 +10,30 @@ recursive rejection over point masses: a point-mass candidate c is accepted with
 p(c), and after a rejection the residual is p with c zeroed and renormalised.)
 
 Sampling, nodes with model draws (`DraftTree.draws`: tokens a model drew at random, without
-replacement, from its distribution q): SpecInfer / Sequoia recursive rejection, after the point
-masses. At a node, with p = the target's distribution there:
-  1. point masses (the node's deterministic children): draw y ~ p and move to the child carrying
-     y; otherwise p <- p with those children's tokens zeroed, renormalised (y is discarded);
-  2. each drawn token x_i, in draw order, was drawn from q_i = q without x_0..x_{i-1},
+replacement, from its distribution q): SpecInfer / Sequoia recursive rejection. At a node, with
+p = the target's distribution there:
+  1. each drawn token x_i, in draw order, was drawn from q_i = q without x_0..x_{i-1},
      renormalised: accept it with probability min(1, p(x_i) / q_i(x_i)) (move to its node, or,
      if pruning removed the node, emit it as the step's last token); on rejection
      p <- normalise(max(p - q_i, 0)). Several ModelDraws at one node are taken one after another;
-  3. nothing accepted: emit a bonus token drawn from the final p.
+  2. point masses (the node's deterministic children): draw y ~ p (the residual) and move to the
+     child carrying y, if any; otherwise emit y as the step's bonus token.
 Why the emitted token is distributed as the node's target p: by induction from the last stage.
 If whatever follows a rejection at stage i emits a sample of p_{i+1} = normalise(max(p_i - q_i,
 0)), stage i emits x with probability q_i(x) min(1, p_i(x)/q_i(x)) = min(q_i, p_i)(x), and after
 a rejection (probability 1 - sum min(q_i, p_i) = sum max(p_i - q_i, 0)) a sample of p_{i+1}: in
-total min(q_i, p_i) + max(p_i - q_i, 0) = p_i. A point mass is the case q_i = one-hot. The
-argument conditions on every earlier draw and coin, so q_i may depend on earlier candidates, as
-long as x_i, given all that, really is a sample of q_i (draws without replacement are), and p
-after a rejection depends on x_i's distribution, never on x_i itself, so mixing over x_i is
-harmless. Deeper nodes repeat this with their own rows: the emitted sequence is plain sampling.
+total min(q_i, p_i) + max(p_i - q_i, 0) = p_i. The final draw y ~ p is exact whichever children
+exist. The argument conditions on every earlier draw and coin, so q_i may depend on earlier
+candidates, as long as x_i, given all that, really is a sample of q_i (draws without replacement
+are), and p after a rejection depends on x_i's distribution, never on x_i itself.
 
-Precondition (the drafters' and the pruner's side): given everything the walk has used before
-it judges x_i (earlier coins and draws, and which deterministic children the nodes on its way
-have), x_i must still be a sample of q_i. Drafting meets it; a pruner that keeps or drops a
-deterministic node by comparing it with drawn nodes' scores (which depend on what was drawn)
-breaks it slightly: the kept point masses then carry information about the draws.
+Draws come first because the tree's point masses may depend on the draws: the budget prunes by
+scores, and drawn nodes' scores depend on what was drawn, so which retrieval children survive
+carries information about the draws. Taking the draws first, while they are still plain samples
+of q_i, and the point masses last, as one draw from the residual, is exact whatever pruning did
+(a point mass may be any function of the history). It also accepts a little more often than
+point masses first (measured: 0.747 vs 0.737 of first tokens on a candidate, 20k steps).
+Deeper nodes repeat this with their own rows: the emitted sequence is plain sampling.
 
 The arithmetic of the residuals runs in float64 on the CPU (the target row is moved once).
 Trees without draws (or whose ModelDraws drew no tokens: a greedy drafter keeps q for pruning)
@@ -55,16 +55,6 @@ def children_by_parent(tree: DraftTree) -> dict[int, dict[int, int]]:
     children: dict[int, dict[int, int]] = {}
     for node, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
         children.setdefault(parent, {}).setdefault(token, node)
-    return children
-
-
-def point_masses_by_parent(tree: DraftTree) -> dict[int, dict[int, int]]:
-    """Like `children_by_parent`, deterministic children only (the first per token)."""
-    children: dict[int, dict[int, int]] = {}
-    columns = zip(tree.token_ids.tolist(), tree.parents.tolist(), tree.is_deterministic().tolist())
-    for node, (token, parent, deterministic) in enumerate(columns):
-        if deterministic:
-            children.setdefault(parent, {}).setdefault(token, node)
     return children
 
 
@@ -105,13 +95,12 @@ def _walk(tree: DraftTree, next_token) -> AcceptResult:
 def _walk_with_draws(
     tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
 ) -> AcceptResult:
-    """The walk of the module doc: point masses, then model draws, then a bonus, at each node."""
+    """The walk of the module doc: model draws, then one draw from the residual, at each node."""
     children = children_by_parent(tree)
-    point_masses = point_masses_by_parent(tree)
     node, nodes, tokens = ROOT, [], []
     while True:
         probs = target_probs(logits[node + 1 : node + 2], sampling).cpu()  # [1, vocab] float32
-        token = _sample_node(probs, point_masses.get(node, {}), tree.draws.get(node, ()), generator)
+        token = _sample_node(probs, tree.draws.get(node, ()), generator)
         child = children.get(node, {}).get(token)
         if child is None:
             return AcceptResult(accepted_nodes=nodes, accepted_tokens=tokens, bonus_token=token)
@@ -120,26 +109,17 @@ def _walk_with_draws(
         node = child
 
 
-def _sample_node(
-    probs: torch.Tensor, point_masses: dict[int, int], draws: tuple[ModelDraws, ...], generator: torch.Generator
-) -> int:
+def _sample_node(probs: torch.Tensor, draws: tuple[ModelDraws, ...], generator: torch.Generator) -> int:
     """One exact sample of `probs` [1, vocab] (float32, CPU) that lands on a candidate whenever
     the rejection scheme allows. The caller moves to the child carrying it, if any."""
-    draws = tuple(model_draws for model_draws in draws if model_draws.tokens)  # greedy drafters keep q only
-    if not draws:  # point masses only: the old draw, from the same float32 probabilities
-        return _draw(probs, generator)
+    if not any(model_draws.tokens for model_draws in draws):  # point masses only (greedy drafters
+        return _draw(probs, generator)  # keep q without drawing): the old draw
     p = probs[0].detach().numpy().astype(np.float64)  # [vocab], a copy
-    if point_masses:
-        y = _draw(probs, generator)
-        if y in point_masses:
-            return y
-        p[list(point_masses)] = 0.0
-        p /= p.sum()  # > 0: y itself has mass
     for model_draws in draws:
         accepted, p = _reject_draws(p, model_draws, generator)
         if accepted is not None:
             return accepted
-    return _draw(torch.from_numpy(p), generator)
+    return _draw(torch.from_numpy(p), generator)  # a point mass child, if it lands on one
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> int:
