@@ -24,7 +24,8 @@ from test_lossless import lossless_prompts
 from ragspec import Engine, LoadedModel
 from ragspec.config import SamplingConfig, SpecConfig
 from ragspec.drafting.base import DraftContext
-from ragspec.drafting.model import DraftLM, ModelDraftConfig, ModelTreeDrafter, draw_without_replacement
+from ragspec.drafting.model import (EXPLORE_EVERY, DraftCosts, DraftLM, ModelDraftConfig, ModelTreeDrafter,
+                                   draw_without_replacement)
 from ragspec.drafting.registry import default_drafters
 from ragspec.engine.budget import LatencyCurve
 from ragspec.errors import ConfigError
@@ -276,32 +277,52 @@ class SlowModule:
 
 def test_drafting_stops_when_its_forwards_cost_more_than_they_win(tokenizer):
     """A plain target step is worth 0.2 s here. Draft forwards of a few ms pay on every step; with
-    0.3 s forwards the drafter measures them once, then proposes nothing (re-measuring at most
-    once per EXPLORE_EVERY steps); a draft model whose q is flat never pays either."""
+    0.4 s forwards the drafter measures them once, then proposes nothing, and a later request
+    sharing its measurements skips from its first step; a draft model whose q is flat does not
+    pay either."""
     target = sharp_tiny("llama", tokenizer, seed=0)
     worth = LatencyCurve(rows=(1, 64), seconds=(0.2, 0.2), adapt=False)
-    prompt = "a b c a b c a b"
-    plain = Engine(target, latency_curve=FLAT_CURVE, prefix_cache=False).generate(prompt, max_new_tokens=24,
-                                                                                  speculative=False)
+    prompts = ["a b c a b c a b", "Hello world! Hello world! Hello"]
+    plain_engine = Engine(target, latency_curve=FLAT_CURVE, prefix_cache=False)
+    plain = [plain_engine.generate(p, max_new_tokens=24, speculative=False).token_ids for p in prompts]
 
-    def run(module) -> ModelTreeDrafter:
-        made = []
+    def run(module) -> list[ModelTreeDrafter]:
+        made, costs = [], DraftCosts()
 
         def factory(engine: Engine) -> list[ModelTreeDrafter]:
             lm = DraftLM(module, target.model.config, device="cpu", dtype=torch.float32)
-            made.append(ModelTreeDrafter(lm, "model", ModelDraftConfig(max_depth=3), engine.budget))
+            made.append(ModelTreeDrafter(lm, "model", ModelDraftConfig(max_depth=3), engine.budget, costs=costs))
             return made[-1:]
 
-        out = Engine(target, latency_curve=worth, drafter_factories=[factory]).generate(prompt, max_new_tokens=24)
-        assert out.token_ids == plain.token_ids
-        return made[0]
+        engine = Engine(target, latency_curve=worth, drafter_factories=[factory])
+        for prompt, expected in zip(prompts, plain):
+            assert engine.generate(prompt, max_new_tokens=24).token_ids == expected
+        return made
 
     cheap = run(target.model)
-    assert cheap.drafted_steps >= 3 and cheap.skipped_steps == 0
+    assert all(d.drafted_steps >= 3 and d.skipped_steps == 0 for d in cheap)
     slow = run(SlowModule(target.model, 0.4))
-    assert slow.drafted_steps <= 2 and slow.skipped_steps >= 10
+    assert slow[0].drafted_steps <= 2 and slow[0].skipped_steps >= 10
+    # the skipped steps count on across requests: one re-measuring step at most in the second
+    assert slow[1].drafted_steps <= 1 and slow[1].skipped_steps >= 15
     flat = run(build_tiny_model("llama", len(tokenizer), seed=0))
-    assert flat.drafted_steps <= 2 and flat.skipped_steps >= 10
+    assert flat[0].drafted_steps <= 2 and flat[0].skipped_steps >= 10
+    assert flat[1].drafted_steps <= 1 and flat[1].skipped_steps >= 15
+
+
+def test_a_drafter_that_does_not_pay_re_measures_ever_less_often(tokenizer):
+    """Skipped steps between re-measuring steps: EXPLORE_EVERY, then doubling while drafting
+    still does not pay."""
+    target = sharp_tiny("llama", tokenizer, seed=0)
+    costs = DraftCosts(root_s=10.0, tree_s=10.0, step_s=0.01)  # forwards far dearer than a step
+    drafter = ModelTreeDrafter(DraftLM.of(target), "model", ModelDraftConfig(), costs=costs)
+    tokens = np.asarray(tokenizer("a b c a b c a b").input_ids)
+    drafted_at = []
+    for step in range(EXPLORE_EVERY * 7 + 3):
+        if drafter.propose(DraftContext(tokens, max_nodes=8)).num_nodes:
+            drafted_at.append(step)
+            costs.root_s = 10.0  # what it measured (a few ms) would pay: say it did not
+    assert drafted_at == [EXPLORE_EVERY, EXPLORE_EVERY * 3 + 1, EXPLORE_EVERY * 7 + 2]
 
 
 def test_real_model_as_its_own_draft_model_equals_plain(real_model):

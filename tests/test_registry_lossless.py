@@ -19,6 +19,7 @@ from conftest import FLAT_CURVE
 from test_model_drafter import sharp_tiny
 from ragspec import Engine
 from ragspec.config import SpecConfig
+from ragspec.drafting.layer_skip import SelfDraftConfig
 from ragspec.drafting.model import ModelDraftConfig
 from ragspec.drafting.registry import REGISTRY
 from ragspec.errors import ConfigError
@@ -26,6 +27,9 @@ from ragspec.errors import ConfigError
 # name -> (tokenizer -> config instance) for entries whose default config cannot run here
 TEST_CONFIGS: dict[str, Callable[[object], object]] = {
     "model": lambda tokenizer: ModelDraftConfig(model=sharp_tiny("llama", tokenizer, seed=0), cost_aware=False),
+    # by default it stays off where its skip set predicts a loss, as on a 2-layer model
+    "self": lambda tokenizer: SelfDraftConfig(calibration_tokens=64, min_predicted_speedup=0.0,
+                                              draft=ModelDraftConfig(cost_aware=False)),
 }
 
 PROMPTS = [

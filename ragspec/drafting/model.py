@@ -53,7 +53,8 @@ if TYPE_CHECKING:
     from ragspec.engine.budget import NodeBudget
 
 SYNC_CHUNK = 256  # committed tokens fed per forward when catching up (bounds the mask's size)
-EXPLORE_EVERY = 32  # steps skipped by the cost rule before one is drafted anyway to re-measure
+EXPLORE_EVERY = 32  # steps skipped by the cost rule before one is drafted anyway to re-measure ...
+MAX_EXPLORE_EVERY = 1024  # ... doubling after each re-measure that still does not pay, up to this
 COST_EMA = 0.2  # weight of the newest forward in the draft-cost averages
 CALIBRATION_EMA = 0.05  # weight of the newest step in the accepted / predicted averages
 
@@ -259,6 +260,26 @@ class _Proposal:
     candidates: _Candidates
 
 
+@dataclass
+class DraftCosts:
+    """What the cost rule learns. One per engine and draft model, shared by its requests, so a
+    request starts from what earlier ones measured (and one that would not pay skips at once,
+    without even feeding the draft model its prompt)."""
+
+    root_s: float | None = None  # EMA seconds of a root forward feeding few rows
+    tree_s: float | None = None  # EMA seconds of a batched tree forward (incl. choosing children)
+    child_mass: float | None = None  # EMA of the top-k children's summed q per expanded node
+    accepted: float = 1.0  # EMA of the drafter's accepted nodes per verified step
+    predicted: float = 1.0  # EMA of their summed scores per verified step
+    step_s: float | None = None  # EMA of observed verify seconds (plain steps preferred)
+    plain_seen: bool = False
+    skipped: int = 0  # steps skipped in a row
+    explore_every: int = EXPLORE_EVERY  # skipped steps before the next re-measuring step
+
+    def calibration(self) -> float:
+        return float(np.clip(self.accepted / self.predicted, 0.1, 4.0))
+
+
 class ModelTreeDrafter:
     """EAGLE-2-style dynamic tree drafting with a `DraftLM` (see the module docstring).
 
@@ -271,8 +292,10 @@ class ModelTreeDrafter:
     plain target step (`budget().predicted_seconds(0)[0]`, else the measured verify time of
     observed steps). A depth is drafted only if c * m * S * token_seconds > forward seconds;
     when even the root forward does not pay, the step proposes an empty tree and feeds nothing
-    (the next drafted step catches the cache up in one forward). Every EXPLORE_EVERY skipped
-    steps one step is drafted anyway, to re-measure the costs and the calibration.
+    (the next drafted step catches the cache up in one forward). After EXPLORE_EVERY skipped
+    steps one step is drafted anyway, to re-measure the costs and the calibration; while such
+    steps keep finding that drafting does not pay, the interval doubles (up to
+    MAX_EXPLORE_EVERY). `costs` (DraftCosts) may be shared by the drafters of one draft model.
     """
 
     def __init__(
@@ -285,9 +308,11 @@ class ModelTreeDrafter:
         sampling: SamplingConfig | None = None,
         generator: torch.Generator | None = None,
         vocab_size: int | None = None,
+        costs: DraftCosts | None = None,
     ):
         """`vocab_size`: the target's; draft logits are cut or padded (-inf) to it. `generator`:
-        for sampled children (default: seeded by `drafter_generator(sampling.seed, name)`)."""
+        for sampled children (default: seeded by `drafter_generator(sampling.seed, name)`).
+        `costs`: the cost rule's measurements, shared across requests (default: this one's own)."""
         self.lm = lm
         self.name = name
         self.config = config
@@ -296,14 +321,7 @@ class ModelTreeDrafter:
         self.generator = generator or drafter_generator(self.sampling.seed, name)
         self.vocab_size = vocab_size
         self._proposal: _Proposal | None = None
-        self._root_s: float | None = None  # EMA seconds of a root forward feeding few rows
-        self._tree_s: float | None = None  # EMA seconds of a batched tree forward
-        self._child_mass: float | None = None  # EMA of the top-k children's summed q per expanded node
-        self._accepted = 1.0  # EMA of this drafter's accepted nodes per verified step
-        self._predicted = 1.0  # EMA of their summed scores per verified step
-        self._step_s: float | None = None  # EMA of observed verify seconds (plain steps preferred)
-        self._plain_seen = False
-        self._skipped = 0  # steps the cost rule skipped in a row
+        self.costs = costs or DraftCosts()
         self.drafted_steps = 0  # steps that ran the draft model (stats, tests)
         self.skipped_steps = 0
 
@@ -317,25 +335,30 @@ class ModelTreeDrafter:
         max_depth = min(self.config.max_depth, limit, self.lm.context_length - len(tokens))  # positions left
         if max_depth <= 0:
             return DraftTree.empty()
-        if not self._pays(1.0, self._root_s, explore=True):
-            self._skipped += 1
+        costs = self.costs
+        if self._pays(1.0, costs.root_s):
+            costs.explore_every = EXPLORE_EVERY
+        elif costs.skipped < costs.explore_every:
+            costs.skipped += 1
             self.skipped_steps += 1
             return DraftTree.empty()
-        self._skipped = 0
+        else:  # re-measure, and wait longer before the next time if it still does not pay
+            costs.explore_every = min(2 * costs.explore_every, MAX_EXPLORE_EVERY)
+        costs.skipped = 0
         self.drafted_steps += 1
         candidates = _Candidates()
         start = time.perf_counter()
         logits, fed = self.lm.open_block(tokens)
         self._add_children(candidates, [ROOT], logits[None])
         if fed <= 2:  # a usual step (the pending token, maybe one accepted leaf), not a catch-up
-            self._root_s = _ema(self._root_s, time.perf_counter() - start, COST_EMA)
+            costs.root_s = _ema(costs.root_s, time.perf_counter() - start, COST_EMA)
         for _depth in range(2, max_depth + 1):
             frontier = self._frontier(candidates, limit)
-            if not frontier or not self._pays(sum(candidates.scores[n] for n in frontier), self._tree_s):
+            if not frontier or not self._pays(sum(candidates.scores[n] for n in frontier), costs.tree_s):
                 break
             start = time.perf_counter()
             self._expand(candidates, frontier)
-            self._tree_s = _ema(self._tree_s, time.perf_counter() - start, COST_EMA)
+            costs.tree_s = _ema(costs.tree_s, time.perf_counter() - start, COST_EMA)
         self._proposal = _Proposal(int(tokens[-1]), candidates)
         return prune(candidates.build(self.name), limit)
 
@@ -378,7 +401,7 @@ class ModelTreeDrafter:
             for token, q in zip(tokens, token_probs):
                 if q > 0:
                     candidates.add(parent, token, q, deterministic=self.sampling.greedy)
-            self._child_mass = _ema(self._child_mass, float(sum(token_probs)), COST_EMA)
+            self.costs.child_mass = _ema(self.costs.child_mass, float(sum(token_probs)), COST_EMA)
 
     def _draft_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """q over the target's vocabulary: greedy requests the plain softmax, sampling ones the
@@ -397,28 +420,23 @@ class ModelTreeDrafter:
 
     # ---- the cost rule -------------------------------------------------------------------
 
-    def calibration(self) -> float:
-        return float(np.clip(self._accepted / self._predicted, 0.1, 4.0))
-
     def token_seconds(self) -> float | None:
         """What one more committed token is worth: a plain target step's seconds."""
         budget = self.budget() if self.budget is not None else None
         if budget is not None:
             return float(budget.predicted_seconds(0)[0])
-        return self._step_s
+        return self.costs.step_s
 
-    def _pays(self, frontier_score: float, forward_s: float | None, explore: bool = False) -> bool:
+    def _pays(self, frontier_score: float, forward_s: float | None) -> bool:
         """Whether expanding frontier nodes with summed cumulative score `frontier_score` is worth
         a forward of `forward_s` seconds (unknown costs are measured by drafting)."""
         if not self.config.cost_aware or forward_s is None:
             return True
-        if explore and self._skipped >= EXPLORE_EVERY:
-            return True
         token_s = self.token_seconds()
         if token_s is None:
             return True
-        gain = self.calibration() * (1.0 if self._child_mass is None else self._child_mass) * frontier_score
-        return gain * token_s > forward_s
+        mass = 1.0 if self.costs.child_mass is None else self.costs.child_mass
+        return self.costs.calibration() * mass * frontier_score * token_s > forward_s
 
     # ---- observe -------------------------------------------------------------------------
 
@@ -443,11 +461,11 @@ class ModelTreeDrafter:
     def _learn_step_seconds(self, step: StepResult) -> None:
         if step.verify_s <= 0:
             return
-        plain = step.tree.num_nodes == 0
-        if plain and not self._plain_seen:
-            self._plain_seen, self._step_s = True, None  # plain steps replace tree-step estimates
-        if plain or not self._plain_seen:
-            self._step_s = _ema(self._step_s, step.verify_s, COST_EMA)
+        costs, plain = self.costs, step.tree.num_nodes == 0
+        if plain and not costs.plain_seen:
+            costs.plain_seen, costs.step_s = True, None  # plain steps replace tree-step estimates
+        if plain or not costs.plain_seen:
+            costs.step_s = _ema(costs.step_s, step.verify_s, COST_EMA)
 
     def _learn_calibration(self, step: StepResult, candidates: _Candidates) -> None:
         """Accepted over predicted among this drafter's nodes that the target verified."""
@@ -460,8 +478,8 @@ class ModelTreeDrafter:
             return
         predicted = sum(candidates.scores[node] for node in verified)
         accepted = sum(1 for node in step.accept.accepted_nodes if mine[node] is not None)
-        self._predicted = _ema(self._predicted, predicted, CALIBRATION_EMA)
-        self._accepted = _ema(self._accepted, accepted, CALIBRATION_EMA)
+        self.costs.predicted = _ema(self.costs.predicted, predicted, CALIBRATION_EMA)
+        self.costs.accepted = _ema(self.costs.accepted, accepted, CALIBRATION_EMA)
 
 
 def _ema(average: float | None, value: float, weight: float) -> float:
@@ -535,10 +553,12 @@ def with_draft_model(spec: SpecConfig | None, model: str | LoadedModel, **knobs)
 
 
 def build_model_drafter(request: DraftRequest, config: ModelDraftConfig) -> ModelTreeDrafter:
-    """A fresh drafter (own KV cache and generator) per request; the weights are shared."""
+    """A fresh drafter (own KV cache and generator) per request; the weights and the cost rule's
+    measurements are shared."""
     engine = request.engine
     draft = engine_draft_model(engine, config.model)
+    costs = engine.shared_state(f"model-draft-costs:{draft.name}-{draft.identity}", DraftCosts)
     return ModelTreeDrafter(
         DraftLM.of(draft), "model", config, engine.budget, sampling=request.sampling,
-        vocab_size=int(engine.target.model.config.vocab_size),
+        vocab_size=int(engine.target.model.config.vocab_size), costs=costs,
     )
