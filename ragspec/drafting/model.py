@@ -115,7 +115,7 @@ class DraftLM:
     def sync(self, tokens: Sequence[int]) -> int:
         """Make the cache hold exactly `tokens[:-1]` (tokens: committed, then the pending token),
         keeping the longest common prefix; returns the tokens fed."""
-        committed = [int(t) for t in tokens[:-1]]
+        committed = np.asarray(tokens[:-1], dtype=np.int64).tolist()
         missing = self._drop_to_common_prefix(committed)
         self._feed_causal(missing)
         self.cached_ids = committed
@@ -124,7 +124,7 @@ class DraftLM:
     def open_block(self, tokens: Sequence[int]) -> tuple[torch.Tensor, int]:
         """`sync(tokens)` and feed the pending token `tokens[-1]` as block row 0, in one forward.
         Returns its logits [vocab] float32 and the rows fed (missing committed tokens + 1)."""
-        committed = [int(t) for t in tokens[:-1]]
+        committed = np.asarray(tokens[:-1], dtype=np.int64).tolist()
         missing = self._drop_to_common_prefix(committed)
         pending = int(tokens[-1])
         logits = self._feed_causal([*missing, pending])
@@ -218,12 +218,14 @@ class _Candidates:
     depths: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     draws: dict[int, tuple[ModelDraws, ...]] = field(default_factory=dict)
+    index: dict[tuple[int, int], int] = field(default_factory=dict)  # (parent, token) -> node
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
     def add(self, parent: int, token: int, prob: float, deterministic: bool) -> None:
         parent_score, parent_depth = (1.0, 0) if parent == ROOT else (self.scores[parent], self.depths[parent])
+        self.index[parent, token] = len(self.token_ids)
         self.token_ids.append(token)
         self.parents.append(parent)
         self.scores.append(parent_score * prob)
@@ -233,11 +235,8 @@ class _Candidates:
         self.rows.append(-1)
 
     def child(self, parent: int, token: int) -> int | None:
-        """Node index of `token` under `parent` (few nodes: a scan is fine)."""
-        for node, (t, p) in enumerate(zip(self.token_ids, self.parents)):
-            if t == token and p == parent:
-                return node
-        return None
+        """Node index of `token` under `parent`, if drafted."""
+        return self.index.get((parent, token))
 
     def build(self, source: str) -> DraftTree:
         deterministic = np.asarray(self.deterministic, dtype=bool)
