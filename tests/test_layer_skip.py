@@ -24,13 +24,20 @@ import logging
 import numpy as np
 import pytest
 import torch
-
-from conftest import FLAT_CURVE, TEST_DEVICE, TINY_ARCHITECTURES, build_tiny_model, spec_bench_questions
+from conftest import (
+    FLAT_CURVE,
+    TEST_DEVICE,
+    TINY_ARCHITECTURES,
+    build_tiny_model,
+    spec_bench_questions,
+)
 from test_lossless import lossless_prompts
+
 from ragspec import Engine, LoadedModel
-from ragspec.config import SpecConfig
+from ragspec.config import SamplingConfig, SpecConfig
 from ragspec.drafting.layer_skip import (
     SelfDraftConfig,
+    build_self_drafter,
     calibrate,
     calibration_ids,
     choice_path,
@@ -42,12 +49,17 @@ from ragspec.drafting.layer_skip import (
     view_cost,
 )
 from ragspec.drafting.model import ModelDraftConfig
+from ragspec.drafting.registry import DraftRequest
 from ragspec.errors import ConfigError
 from ragspec.kernels.select import choose_kernels
 from ragspec.kvcache import cache_length
 from ragspec.types import DraftTree
 from ragspec.verify import TreeVerifier
-from ragspec.verify.tree_attention import layer_windows, tree_attention_masks, tree_position_ids
+from ragspec.verify.tree_attention import (
+    layer_windows,
+    tree_attention_masks,
+    tree_position_ids,
+)
 
 MAX_NEW = 32
 SHARPEN = 50.0
@@ -282,22 +294,30 @@ def test_choice_is_cached_per_model_and_a_corrupt_file_recalibrates(tokenizer, c
 
 
 def test_low_measured_agreement_recalibrates_on_the_request(tokenizer, caplog):
-    """A cached choice that promises agreement 1.0 for skipping the strong layer: the drafts
-    disagree, and after `monitor_steps` drafted steps the request recalibrates on its own tokens."""
+    """A cached choice that promises agreement 1.0 (and a 5x speedup) for skipping the strong
+    layer: the drafts disagree, and after `monitor_steps` drafted steps the request recalibrates on
+    its own tokens; the new choice predicts a loss (tiny models), so the request drafts no more."""
     target = four_layer_tiny("llama", tokenizer, seed=5)
     path = choice_path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    promise = dict(skipped=[1], num_layers=4, agreement=1.0, cost=0.9, speedup=5.0, calibration_tokens=64,
-                   source="text", forwards=0, version=1)
+    promise = {"skipped": [1], "num_layers": 4, "agreement": 1.0, "cost": 0.9, "speedup": 5.0,
+               "calibration_tokens": 64, "source": "text", "forwards": 0, "version": 1}
     path.write_text(json.dumps(promise))
-    engine = self_engine(target, monitor_steps=4)
-    engine.persist_state = True  # recalibrations are saved
+    config = SelfDraftConfig(calibration_tokens=64, monitor_steps=4, draft=ModelDraftConfig(cost_aware=False))
+    made = []
+
+    def factory(engine: Engine) -> list:
+        made.append(build_self_drafter(DraftRequest(engine, [], SamplingConfig()), config))
+        return made[-1:]
+
+    engine = Engine(target, latency_curve=FLAT_CURVE, drafter_factories=[factory])  # persists recalibrations
     prompt = " ".join(["one two three four five six seven eight nine ten"] * 8)
     with caplog.at_level(logging.INFO, logger="ragspec.drafting.layer_skip"):
         fast = engine.generate(prompt, max_new_tokens=24)
     plain = engine.generate(prompt, max_new_tokens=24, speculative=False)
     assert fast.token_ids == plain.token_ids
-    assert "recalibrated on the request's" in caplog.text
+    assert "recalibrated on the request's" in caplog.text and "drafting stops" in caplog.text
+    assert made[0].recalibrated and made[0].inner is None and made[0].monitor.samples == 4
     saved = read_choice(path, 4)
     assert saved.source == "request" and saved.skipped == (WEAK_LAYER,)
 

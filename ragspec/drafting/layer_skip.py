@@ -121,7 +121,7 @@ def layer_skip_view(model, skipped: Sequence[int]) -> torch.nn.Module:
     none (unlike the target, which would make one from its config).
     """
     layers = decoder_layers(model)
-    skipped_set = set(int(i) for i in skipped)
+    skipped_set = {int(i) for i in skipped}
     kept = [i for i in range(len(layers)) if i not in skipped_set]
     if not kept or not skipped_set <= set(range(len(layers))):
         raise ValueError(f"cannot skip layers {sorted(skipped_set)} of {len(layers)}")
@@ -210,7 +210,7 @@ class SkipChoice:
     version: int = CHOICE_VERSION
 
     @classmethod
-    def from_json(cls, data: dict, num_layers: int) -> "SkipChoice":
+    def from_json(cls, data: dict, num_layers: int) -> SkipChoice:
         """Checked: a malformed or foreign record raises ValueError."""
         choice = cls(
             skipped=tuple(int(i) for i in data["skipped"]), num_layers=int(data["num_layers"]),
@@ -417,13 +417,14 @@ class SelfSpecDrafter:
 
     name = "self"
 
-    def __init__(self, state: SelfDraftState, make_inner: Callable[[torch.nn.Module], object], persist: bool):
+    def __init__(self, state: SelfDraftState, config: SelfDraftConfig,
+                 make_inner: Callable[[torch.nn.Module], object], persist: bool):
         self.state = state
+        self.config = config
         self._make_inner = make_inner
         self._persist = persist
-        self.inner = make_inner(state.view)
+        self.inner = make_inner(state.view)  # None once a recalibration predicts a loss: drafts nothing
         predicted = state.predicted_agreement
-        config = state.config
         self.monitor = None if predicted is None else AgreementMonitor(predicted, config.monitor_steps,
                                                                         config.recalibrate_below)
         self.recalibrated = False
@@ -431,29 +432,38 @@ class SelfSpecDrafter:
         self._view_top1: int | None = None  # the view's top-1 token at the last pending position
 
     def propose(self, context: DraftContext) -> DraftTree:
+        if self.inner is None:
+            return DraftTree.empty()
         self._tokens = context.tokens
         tree = self.inner.propose(context)
         self._view_top1 = root_top1(tree)
         return tree
 
     def observe(self, step: StepResult) -> None:
+        if self.inner is None:
+            return
         self.inner.observe(step)
         view_top1, self._view_top1 = self._view_top1, None
         if view_top1 is None or self.monitor is None or self.recalibrated:
             return
         if self.monitor.update(view_top1 == int(step.logits[0].argmax())):
             tokens = [*self._tokens.tolist(), *step.accept.accepted_tokens, step.accept.bonus_token]
-            if len(tokens) >= min(self.state.config.calibration_tokens, MIN_RECALIBRATION_TOKENS):
+            if len(tokens) >= min(self.config.calibration_tokens, MIN_RECALIBRATION_TOKENS):
                 self._recalibrate(tokens)
 
     def _recalibrate(self, tokens: list[int]) -> None:
+        """Costs the calibration's forwards (`SkipChoice.forwards` view forwards over up to
+        `calibration_tokens` tokens), once per request."""
         before = self.monitor.rate
         self.state.recalibrate(tokens, self._persist)
         self.recalibrated = True
-        self.inner = self._make_inner(self.state.view)
+        choice = self.state.choice
+        pays = choice.speedup >= self.config.min_predicted_speedup
+        self.inner = self._make_inner(self.state.view) if pays else None
         log.info("self-draft: top-1 agreement %.2f fell below %.2f x %.2f predicted; recalibrated on the "
-                 "request's %d tokens: skip %s", before, self.monitor.below, self.monitor.predicted,
-                 min(len(tokens), self.state.config.calibration_tokens), list(self.state.choice.skipped))
+                 "request's %d tokens: skip %s, predicted %.2fx%s", before, self.monitor.below,
+                 self.monitor.predicted, min(len(tokens), self.config.calibration_tokens), list(choice.skipped),
+                 choice.speedup, "" if pays else ": drafting stops")
 
 
 def root_top1(tree: DraftTree) -> int | None:
@@ -492,10 +502,10 @@ def build_self_drafter(request, config: SelfDraftConfig) -> SelfSpecDrafter | No
     key = f"self-draft:{(config.min_skip_ratio, config.max_skip_ratio, config.calibration_tokens, config.skipped)}"
     state = engine.shared_state(key, lambda: SelfDraftState(target, config, request.prompt_ids))
     if state.choice is not None and state.choice.speedup < config.min_predicted_speedup:
-        announce_off(state.choice, "self-draft: skipping %s of %d layers predicts %.2fx plain decoding "
-                  "(top-1 agreement %.2f at %.2f of a target forward): the self drafter stays off",
-                  list(state.choice.skipped), state.choice.num_layers, state.choice.speedup,
-                  state.choice.agreement, state.choice.cost)
+        choice = state.choice
+        announce_off(choice, "self-draft: skipping %s of %d layers predicts %.2fx plain decoding (top-1 agreement "
+                     "%.2f at %.2f of a target forward): the self drafter stays off", list(choice.skipped),
+                     choice.num_layers, choice.speedup, choice.agreement, choice.cost)
         return None
 
     def make_inner(view: torch.nn.Module) -> ModelTreeDrafter:
@@ -504,4 +514,4 @@ def build_self_drafter(request, config: SelfDraftConfig) -> SelfSpecDrafter | No
         return ModelTreeDrafter(lm, SelfSpecDrafter.name, config.draft or ModelDraftConfig(), engine.budget,
                                 sampling=request.sampling, vocab_size=int(target.model.config.vocab_size))
 
-    return SelfSpecDrafter(state, make_inner, engine.persist_state)
+    return SelfSpecDrafter(state, config, make_inner, engine.persist_state)
