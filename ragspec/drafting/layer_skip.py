@@ -496,7 +496,12 @@ def build_self_drafter(request, config: SelfDraftConfig) -> SelfSpecDrafter | No
     `min_predicted_speedup`: its view then agrees too rarely for what a forward costs, and even
     the tree drafter's cost rule, which would stop drafting after a few steps, still pays for
     those steps and for its periodic re-measuring."""
-    from ragspec.drafting.model import DraftLM, ModelDraftConfig, ModelTreeDrafter
+    from ragspec.drafting.model import (
+        DraftCosts,
+        DraftLM,
+        ModelDraftConfig,
+        ModelTreeDrafter,
+    )
 
     engine, target = request.engine, request.engine.target
     key = f"self-draft:{(config.min_skip_ratio, config.max_skip_ratio, config.calibration_tokens, config.skipped)}"
@@ -509,9 +514,12 @@ def build_self_drafter(request, config: SelfDraftConfig) -> SelfSpecDrafter | No
         return None
 
     def make_inner(view: torch.nn.Module) -> ModelTreeDrafter:
+        """A tree drafter over `view`; the cost rule's measurements are shared per skip set."""
         lm = DraftLM(view, view.config, device=target.device, dtype=target.dtype, new_cache=new_view_cache,
                      context_length=target.context_length)
+        costs = engine.shared_state(f"self-draft-costs:{view.skipped_layers}", DraftCosts)
         return ModelTreeDrafter(lm, SelfSpecDrafter.name, config.draft or ModelDraftConfig(), engine.budget,
-                                sampling=request.sampling, vocab_size=int(target.model.config.vocab_size))
+                                sampling=request.sampling, vocab_size=int(target.model.config.vocab_size),
+                                costs=costs)
 
     return SelfSpecDrafter(state, config, make_inner, engine.persist_state)
