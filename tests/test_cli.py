@@ -14,12 +14,6 @@ BOOK = DATA_DIR / "corpus" / "pg1342_pride_and_prejudice.txt"
 TINY = ["--max-new-tokens", "8", "--dtype", "float32", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def private_drafter_state(monkeypatch, tmp_path):
-    """Keep the CLI's recycling matrix out of the user's cache (models still load from it)."""
-    monkeypatch.setattr("ragspec.engine.engine.cache_dir", lambda: tmp_path / "cache")
-
-
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, tokenizer):
     from ragspec.index import build_index_from_texts
