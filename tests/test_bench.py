@@ -284,7 +284,8 @@ def test_model_draft_methods_and_a_sampled_run(tiny_engine, data_dir: Path, tmp_
     with torch.no_grad():
         target.model.lm_head.weight.mul_(40.0)
     engine = Engine(target, latency_curve=FLAT, persist_state=False)  # timing-independent budget
-    methods = ("ragspec", "ragspec-model", "ragspec-self", "hf-greedy", "hf-assisted", "hf-early-exit")
+    methods = ("ragspec", "ragspec-model", "ragspec-retrieval", "ragspec-unpruned", "ragspec-self", "hf-greedy",
+               "hf-assisted", "hf-early-exit")
     greedy = BenchOptions(workloads=(f"jsonl:{prompts}", "spec_bench:writing"), methods=methods, data_dir=str(data_dir),
                           limit=1, max_new_tokens=10, json_path=str(tmp_path / "g" / "report.json"), plots=False,
                           warmup=False)
@@ -304,5 +305,5 @@ def test_model_draft_methods_and_a_sampled_run(tiny_engine, data_dir: Path, tmp_
     report = run_benchmark(sampled, engine=engine, draft=target)
     for workload in report["workloads"]:
         assert all(m["identical_outputs"] is None for m in workload["methods"].values())
-        assert workload["methods"]["ragspec-model"]["mean_acceptance_length"] > 1.0
+        assert workload["methods"]["ragspec-model"]["mean_acceptance_length"] >= 1.0  # the cost rule may skip
     assert "samples at temperature 0.7" in (tmp_path / "s" / "report.md").read_text()

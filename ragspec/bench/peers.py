@@ -5,6 +5,8 @@ samples (then every method samples at the run's temperature, and outputs are not
   ragspec          ragspec with speculation on: every default drafter, plus the draft model
                    when the run has one (the fused engine)
   ragspec-model    ragspec with the draft-model drafter only (needs a draft model)
+  ragspec-retrieval  ragspec with the default (retrieval) drafters only
+  ragspec-unpruned   the fused engine without RASD's pruning (SpecConfig.min_draft_prob=0)
   ragspec-self     ragspec with the layer-skipping self-drafter only
   hf-greedy        transformers `model.generate(do_sample=False)`
   hf-pld           transformers prompt lookup decoding (`prompt_lookup_num_tokens=10`)
@@ -28,6 +30,7 @@ themselves (index=, so their wall time includes one search), the others get its 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import time
 from collections.abc import Iterator, Sequence
@@ -38,6 +41,7 @@ from typing import Protocol
 import torch
 
 from ragspec.config import SpecConfig
+from ragspec.drafting.registry import default_drafters
 from ragspec.engine import Engine, Generation
 from ragspec.errors import ConfigError
 from ragspec.kernels.linear import unpacked
@@ -47,8 +51,9 @@ from ragspec.types import SpecStats
 REFERENCE_METHOD = "ragspec-ar"
 SPECULATIVE_METHOD = "ragspec"
 DEFAULT_METHODS = ("ragspec-ar", "ragspec", "hf-greedy", "hf-pld")
-MODEL_DRAFT_METHODS = ("ragspec-model", "hf-assisted")  # need a draft model
-ALL_METHODS = (*DEFAULT_METHODS, "ragspec-model", "ragspec-self", "hf-assisted", "hf-early-exit", "llamacpp-greedy")
+MODEL_DRAFT_METHODS = ("ragspec-model", "ragspec-unpruned", "hf-assisted")  # need a draft model
+ALL_METHODS = (*DEFAULT_METHODS, "ragspec-model", "ragspec-retrieval", "ragspec-unpruned", "ragspec-self",
+               "hf-assisted", "hf-early-exit", "llamacpp-greedy")
 PLD_NUM_TOKENS = 10
 STOCK_ATTENTION = "sdpa"
 
@@ -246,6 +251,11 @@ def _build_method(name: str, engine: Engine, setup: MethodSetup) -> Method:
         return EngineMethod(name, engine, name == SPECULATIVE_METHOD, sampling)
     if name == "ragspec-model":
         return EngineMethod(name, fresh_engine(engine, model_draft_spec(setup.draft, ())), True, sampling)
+    if name == "ragspec-retrieval":
+        return EngineMethod(name, fresh_engine(engine, SpecConfig()), True, sampling)
+    if name == "ragspec-unpruned":
+        spec = dataclasses.replace(model_draft_spec(setup.draft, default_drafters()), min_draft_prob=0.0)
+        return EngineMethod(name, fresh_engine(engine, spec), True, sampling)
     if name == "ragspec-self":
         return EngineMethod(name, fresh_engine(engine, SpecConfig(drafters=("self",))), True, sampling)
     if name == "hf-greedy":
