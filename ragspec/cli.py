@@ -48,8 +48,9 @@ def _generation_options(command):
 
 
 def _draft_model_option(command):
-    return click.option("--draft-model", default=None, metavar="PATH",
-                        help="Also draft with this small model (HF dir or .gguf with the target's tokenizer).")(command)
+    return click.option("--draft-model", default=None, metavar="PATH|auto",
+                        help="Also draft with this small model (HF dir or .gguf with the target's tokenizer; "
+                             "auto: the one `ragspec draft train` made for the target).")(command)
 
 
 def _engine(model, dtype, device, draft_model=None, **engine_options):

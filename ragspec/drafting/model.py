@@ -513,7 +513,8 @@ def drafter_generator(seed: int | None, name: str) -> torch.Generator:
 
 def load_draft_model(model: str | LoadedModel | None, target: LoadedModel) -> LoadedModel:
     """The draft model: a LoadedModel as given, or a path loaded on the target's device and in
-    its dtype. Refused (ConfigError) unless it has the target's tokenizer."""
+    its dtype ("auto": the one `ragspec draft train` made for this target, trained first if
+    missing). Refused (ConfigError) unless it has the target's tokenizer."""
     if model is None:
         raise ConfigError('the "model" drafter needs a draft model: SpecConfig(drafters=(..., "model"), '
                           'options=(ModelDraftConfig(model="path/to/model"),)) or --draft-model PATH')
@@ -521,8 +522,10 @@ def load_draft_model(model: str | LoadedModel | None, target: LoadedModel) -> Lo
         draft = model
     else:
         from ragspec.models import load_model
+        from ragspec.training.resolve import AUTO, resolve_draft_model
 
-        draft = load_model(model, device=str(target.device), dtype=target.dtype)
+        path = resolve_draft_model(model, target) if model == AUTO else model
+        draft = load_model(str(path), device=str(target.device), dtype=target.dtype)
     check_tokenizer(draft, target)
     return draft
 
