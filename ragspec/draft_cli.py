@@ -16,7 +16,7 @@ def draft_group():
 
     \b
     Example:
-      ragspec draft train --threads 2
+      ragspec draft train --threads 1
       ragspec draft eval
     """
 
@@ -75,7 +75,10 @@ def train(model, data_dir, threads, quiet, out, layers, stop_after, resume, rest
     the Spec-Bench prompts); the draft learns its next-token distributions. The result is an HF
     model directory for `--draft-model`.
 
-    Example: nice -n 10 ragspec draft train --threads 2
+    Example: nice -n 10 ragspec draft train --threads 1
+
+    On a CPU shared with other work, one thread: two threads fighting for a busy core ran the
+    target's batched generation here more than 10x slower.
     """
     from ragspec.training import train_draft
 
@@ -149,7 +152,12 @@ def eval_command(model, data_dir, threads, quiet, draft_path, per_category, max_
     Example: ragspec draft eval --per-category 3
     """
     from ragspec.models import load_model
-    from ragspec.training import evaluate_draft, format_table, resolve_draft_model, target_answers
+    from ragspec.training import (
+        evaluate_draft,
+        format_table,
+        resolve_draft_model,
+        target_answers,
+    )
 
     target = _load_target(model, threads)
     path = resolve_draft_model(draft_path, target)

@@ -15,18 +15,30 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import DATA_DIR, build_tiny_model
 from safetensors.torch import load_file
 
-from conftest import DATA_DIR, build_tiny_model
 from ragspec.cli import main
 from ragspec.errors import ModelNotFound, TokenizerMismatch
 from ragspec.models import LoadedModel, load_model
-from ragspec.training import (CheckpointError, DataPlan, DraftTrainConfig, default_draft_dir, distill_loss,
-                              resolve_draft_model, train_draft)
+from ragspec.training import (
+    CheckpointError,
+    DataPlan,
+    DraftTrainConfig,
+    default_draft_dir,
+    distill_loss,
+    resolve_draft_model,
+    train_draft,
+)
+from ragspec.training.data import (
+    benchmark_text,
+    build_prompts,
+    normalized,
+    nq_questions,
+)
 from ragspec.training.draft import mean_loss, prepare_teacher_data
-from ragspec.training.student import build_student
-from ragspec.training.data import benchmark_text, build_prompts, normalized, nq_questions
 from ragspec.training.evaluate import EvalItem, chain_steps, evaluate_draft
+from ragspec.training.student import build_student
 
 pytestmark = pytest.mark.skipif(not (DATA_DIR / "corpus").is_dir(), reason=f"training data not in {DATA_DIR}")
 

@@ -2,9 +2,20 @@
 
 from ragspec.training.checkpoint import CheckpointError
 from ragspec.training.data import DataPlan
-from ragspec.training.draft import (DraftTrainConfig, DraftTrainResult, default_draft_dir, distill_loss, is_trained,
-                                    train_draft)
-from ragspec.training.evaluate import CategoryAcceptance, evaluate_draft, format_table, target_answers
+from ragspec.training.draft import (
+                                    DraftTrainConfig,
+                                    DraftTrainResult,
+                                    default_draft_dir,
+                                    distill_loss,
+                                    is_trained,
+                                    train_draft,
+)
+from ragspec.training.evaluate import (
+                                    CategoryAcceptance,
+                                    evaluate_draft,
+                                    format_table,
+                                    target_answers,
+)
 from ragspec.training.resolve import resolve_draft_model
 
 __all__ = [

@@ -55,7 +55,7 @@ def load_checkpoint(path: Path, settings: str) -> TrainState:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no training checkpoint at {path} to resume from") from None
-    except Exception as exc:  # torch raises many kinds on a damaged file (RuntimeError, EOFError, Unpickling...)
+    except Exception as exc:  # noqa: BLE001 - a damaged file raises many kinds (RuntimeError, EOFError, UnpicklingError...)
         raise CheckpointError(f"training checkpoint {path} is damaged ({type(exc).__name__}): {fix}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a ragspec draft training checkpoint: {fix}")

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from ragspec.errors import ModelNotFound, TokenizerMismatch
 from ragspec.models import LoadedModel
-from ragspec.training.draft import METADATA_FILE, DraftTrainConfig, default_draft_dir, is_trained, train_draft
+from ragspec.training.draft import (
+    METADATA_FILE,
+    DraftTrainConfig,
+    default_draft_dir,
+    is_trained,
+    train_draft,
+)
 
 log = logging.getLogger(__name__)
 

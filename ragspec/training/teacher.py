@@ -39,7 +39,7 @@ class TeacherData:
         return int(self.lengths.sum())
 
     @staticmethod
-    def concat(parts: Sequence["TeacherData"]) -> "TeacherData":
+    def concat(parts: Sequence[TeacherData]) -> TeacherData:
         return TeacherData(*(np.concatenate([getattr(p, f) for p in parts]) for f in
                              ("tokens", "lengths", "topk_ids", "topk_logprobs")))
 
