@@ -284,7 +284,7 @@ def test_model_draft_methods_and_a_sampled_run(tiny_engine, data_dir: Path, tmp_
     with torch.no_grad():
         target.model.lm_head.weight.mul_(40.0)
     engine = Engine(target, latency_curve=FLAT, persist_state=False)  # timing-independent budget
-    methods = ("ragspec", "ragspec-model", "ragspec-retrieval", "ragspec-unpruned", "ragspec-self", "hf-greedy",
+    methods = ("ragspec", "ragspec-model", "ragspec-retrieval", "ragspec-pruned", "ragspec-self", "hf-greedy",
                "hf-assisted", "hf-early-exit")
     greedy = BenchOptions(workloads=(f"jsonl:{prompts}", "spec_bench:writing"), methods=methods, data_dir=str(data_dir),
                           limit=1, max_new_tokens=10, json_path=str(tmp_path / "g" / "report.json"), plots=False,

@@ -6,7 +6,7 @@ samples (then every method samples at the run's temperature, and outputs are not
                    when the run has one (the fused engine)
   ragspec-model    ragspec with the draft-model drafter only (needs a draft model)
   ragspec-retrieval  ragspec with the default (retrieval) drafters only
-  ragspec-unpruned   the fused engine without RASD's pruning (SpecConfig.min_draft_prob=0)
+  ragspec-pruned   the fused engine with RASD's pruning (SpecConfig.min_draft_prob=0.02)
   ragspec-self     ragspec with the layer-skipping self-drafter only
   hf-greedy        transformers `model.generate(do_sample=False)`
   hf-pld           transformers prompt lookup decoding (`prompt_lookup_num_tokens=10`)
@@ -51,10 +51,11 @@ from ragspec.types import SpecStats
 REFERENCE_METHOD = "ragspec-ar"
 SPECULATIVE_METHOD = "ragspec"
 DEFAULT_METHODS = ("ragspec-ar", "ragspec", "hf-greedy", "hf-pld")
-MODEL_DRAFT_METHODS = ("ragspec-model", "ragspec-unpruned", "hf-assisted")  # need a draft model
-ALL_METHODS = (*DEFAULT_METHODS, "ragspec-model", "ragspec-retrieval", "ragspec-unpruned", "ragspec-self",
+MODEL_DRAFT_METHODS = ("ragspec-model", "ragspec-pruned", "hf-assisted")  # need a draft model
+ALL_METHODS = (*DEFAULT_METHODS, "ragspec-model", "ragspec-retrieval", "ragspec-pruned", "ragspec-self",
                "hf-assisted", "hf-early-exit", "llamacpp-greedy")
 PLD_NUM_TOKENS = 10
+RASD_MIN_PROB = 0.02  # ragspec-pruned's SpecConfig.min_draft_prob
 STOCK_ATTENTION = "sdpa"
 
 
@@ -253,8 +254,8 @@ def _build_method(name: str, engine: Engine, setup: MethodSetup) -> Method:
         return EngineMethod(name, fresh_engine(engine, model_draft_spec(setup.draft, ())), True, sampling)
     if name == "ragspec-retrieval":
         return EngineMethod(name, fresh_engine(engine, SpecConfig()), True, sampling)
-    if name == "ragspec-unpruned":
-        spec = dataclasses.replace(model_draft_spec(setup.draft, default_drafters()), min_draft_prob=0.0)
+    if name == "ragspec-pruned":
+        spec = dataclasses.replace(model_draft_spec(setup.draft, default_drafters()), min_draft_prob=RASD_MIN_PROB)
         return EngineMethod(name, fresh_engine(engine, spec), True, sampling)
     if name == "ragspec-self":
         return EngineMethod(name, fresh_engine(engine, SpecConfig(drafters=("self",))), True, sampling)
