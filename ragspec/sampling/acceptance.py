@@ -68,12 +68,10 @@ def accept_sampled(
     tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
 ) -> AcceptResult:
     """logits: [1 + num_nodes, vocab], row 0 for the pending token. Lossless: see the module doc."""
-    if any(model_draws.tokens for draws in tree.draws.values() for model_draws in draws):
-        return _walk_with_draws(tree, logits, sampling, generator)
 
-    def draw(row: int) -> int:
+    def draw(row: int) -> int:  # row - 1: the node whose children the token may land on (ROOT: -1)
         probs = target_probs(logits[row : row + 1], sampling).cpu()  # the generator lives on the CPU
-        return int(torch.multinomial(probs, 1, generator=generator).item())
+        return _sample_node(probs, tree.draws.get(row - 1, ()), generator)
 
     return _walk(tree, draw)
 
@@ -84,23 +82,6 @@ def _walk(tree: DraftTree, next_token) -> AcceptResult:
     node, nodes, tokens = ROOT, [], []
     while True:
         token = next_token(node + 1)
-        child = children.get(node, {}).get(token)
-        if child is None:
-            return AcceptResult(accepted_nodes=nodes, accepted_tokens=tokens, bonus_token=token)
-        nodes.append(child)
-        tokens.append(token)
-        node = child
-
-
-def _walk_with_draws(
-    tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator
-) -> AcceptResult:
-    """The walk of the module doc: model draws, then one draw from the residual, at each node."""
-    children = children_by_parent(tree)
-    node, nodes, tokens = ROOT, [], []
-    while True:
-        probs = target_probs(logits[node + 1 : node + 2], sampling).cpu()  # [1, vocab] float32
-        token = _sample_node(probs, tree.draws.get(node, ()), generator)
         child = children.get(node, {}).get(token)
         if child is None:
             return AcceptResult(accepted_nodes=nodes, accepted_tokens=tokens, bonus_token=token)
