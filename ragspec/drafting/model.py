@@ -56,7 +56,9 @@ SYNC_CHUNK = 256  # committed tokens fed per forward when catching up (bounds th
 EXPLORE_EVERY = 32  # steps skipped by the cost rule before one is drafted anyway to re-measure ...
 MAX_EXPLORE_EVERY = 1024  # ... doubling after each re-measure that still does not pay, up to this
 COST_EMA = 0.2  # weight of the newest forward in the draft-cost averages
-CALIBRATION_EMA = 0.05  # weight of the newest step in the accepted / predicted averages
+CALIBRATION_EMA = 0.05  # weight of the newest step in the accepted / predicted averages, once
+# enough steps were seen: before that the averages are plain means (the prior counting as one
+# step), so a poor draft model is found out in a few steps rather than ~20-30
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,7 @@ class DraftCosts:
     child_mass: float | None = None  # EMA of the top-k children's summed q per expanded node
     accepted: float = 1.0  # EMA of the drafter's accepted nodes per verified step
     predicted: float = 1.0  # EMA of their summed scores per verified step
+    verified_steps: int = 0  # steps that verified some of the drafter's nodes
     step_s: float | None = None  # EMA of observed verify seconds (plain steps preferred)
     plain_seen: bool = False
     skipped: int = 0  # steps skipped in a row
@@ -477,8 +480,11 @@ class ModelTreeDrafter:
             return
         predicted = sum(candidates.scores[node] for node in verified)
         accepted = sum(1 for node in step.accept.accepted_nodes if mine[node] is not None)
-        self.costs.predicted = _ema(self.costs.predicted, predicted, CALIBRATION_EMA)
-        self.costs.accepted = _ema(self.costs.accepted, accepted, CALIBRATION_EMA)
+        costs = self.costs
+        costs.verified_steps += 1
+        weight = max(CALIBRATION_EMA, 1.0 / (costs.verified_steps + 1))  # a mean with the prior, then an EMA
+        costs.predicted = _ema(costs.predicted, predicted, weight)
+        costs.accepted = _ema(costs.accepted, accepted, weight)
 
 
 def _ema(average: float | None, value: float, weight: float) -> float:
