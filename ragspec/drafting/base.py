@@ -130,6 +130,11 @@ def warn_once(path: Path, message: str, *args) -> None:
         log.warning(message, *args)
 
 
+def ema(average: float | None, value: float, weight: float) -> float:
+    """Exponential moving average: `value` itself when there is no average yet."""
+    return value if average is None else average + weight * (value - average)
+
+
 def target_continuation(step: StepResult) -> list[int]:
     """What the target produced after the pending token: accepted drafts, then the bonus."""
     return [*step.accept.accepted_tokens, step.accept.bonus_token]

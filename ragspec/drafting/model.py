@@ -41,7 +41,7 @@ import torch
 
 from ragspec import kvcache
 from ragspec.config import SamplingConfig, SpecConfig
-from ragspec.drafting.base import DraftContext
+from ragspec.drafting.base import DraftContext, ema
 from ragspec.drafting.tree import prune
 from ragspec.errors import ConfigError
 from ragspec.models import LoadedModel
@@ -353,14 +353,14 @@ class ModelTreeDrafter:
         logits, fed = self.lm.open_block(tokens)
         self._add_children(candidates, [ROOT], logits[None])
         if fed <= 2:  # a usual step (the pending token, maybe one accepted leaf), not a catch-up
-            costs.root_s = _ema(costs.root_s, time.perf_counter() - start, COST_EMA)
+            costs.root_s = ema(costs.root_s, time.perf_counter() - start, COST_EMA)
         for _depth in range(2, max_depth + 1):
             frontier = self._frontier(candidates, limit)
             if not frontier or not self._pays(sum(candidates.scores[n] for n in frontier), costs.tree_s):
                 break
             start = time.perf_counter()
             self._expand(candidates, frontier)
-            costs.tree_s = _ema(costs.tree_s, time.perf_counter() - start, COST_EMA)
+            costs.tree_s = ema(costs.tree_s, time.perf_counter() - start, COST_EMA)
         self._proposal = _Proposal(int(tokens[-1]), candidates)
         return prune(candidates.build(self.name), limit)
 
@@ -403,7 +403,7 @@ class ModelTreeDrafter:
             for token, q in zip(tokens, token_probs):
                 if q > 0:
                     candidates.add(parent, token, q, deterministic=self.sampling.greedy)
-            self.costs.child_mass = _ema(self.costs.child_mass, float(sum(token_probs)), COST_EMA)
+            self.costs.child_mass = ema(self.costs.child_mass, float(sum(token_probs)), COST_EMA)
 
     def _draft_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """q over the target's vocabulary: greedy requests the plain softmax, sampling ones the
@@ -467,7 +467,7 @@ class ModelTreeDrafter:
         if plain and not costs.plain_seen:
             costs.plain_seen, costs.step_s = True, None  # plain steps replace tree-step estimates
         if plain or not costs.plain_seen:
-            costs.step_s = _ema(costs.step_s, step.verify_s, COST_EMA)
+            costs.step_s = ema(costs.step_s, step.verify_s, COST_EMA)
 
     def _learn_calibration(self, step: StepResult, candidates: _Candidates) -> None:
         """Accepted over predicted among this drafter's nodes that the target verified."""
@@ -483,12 +483,9 @@ class ModelTreeDrafter:
         costs = self.costs
         costs.verified_steps += 1
         weight = max(CALIBRATION_EMA, 1.0 / (costs.verified_steps + 1))  # a mean with the prior, then an EMA
-        costs.predicted = _ema(costs.predicted, predicted, weight)
-        costs.accepted = _ema(costs.accepted, accepted, weight)
+        costs.predicted = ema(costs.predicted, predicted, weight)
+        costs.accepted = ema(costs.accepted, accepted, weight)
 
-
-def _ema(average: float | None, value: float, weight: float) -> float:
-    return value if average is None else average + weight * (value - average)
 
 
 def draw_without_replacement(probs: torch.Tensor, k: int, generator: torch.Generator) -> tuple[list[int], list[float]]:

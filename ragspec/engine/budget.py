@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ragspec.drafting.base import warn_once, write_atomically
+from ragspec.drafting.base import ema, warn_once, write_atomically
 from ragspec.drafting.tree import monotone_scores, prune
 from ragspec.models import LoadedModel, cache_dir
 from ragspec.types import DraftTree
@@ -139,16 +139,12 @@ class NodeBudget:
 
     def _observe_latency(self, nodes: int, seconds: float) -> None:
         if nodes == 0:
-            self._plain_s = _ema(self._plain_s, seconds, LATENCY_EMA)
+            self._plain_s = ema(self._plain_s, seconds, LATENCY_EMA)
             self._since_plain, self._since_tree = 0, self._since_tree + 1
         else:
             ratio = seconds / max(float(self.curve(1 + nodes)), 1e-9)
-            self._tree_ratio = _ema(self._tree_ratio, ratio, LATENCY_EMA)
+            self._tree_ratio = ema(self._tree_ratio, ratio, LATENCY_EMA)
             self._since_plain, self._since_tree = self._since_plain + 1, 0
-
-
-def _ema(average: float | None, value: float, weight: float) -> float:
-    return value if average is None else average + weight * (value - average)
 
 
 def load_or_measure_curve(target: LoadedModel, rows: tuple[int, ...] = PROFILE_ROWS) -> LatencyCurve:
