@@ -305,5 +305,8 @@ def test_model_draft_methods_and_a_sampled_run(tiny_engine, data_dir: Path, tmp_
     report = run_benchmark(sampled, engine=engine, draft=target)
     for workload in report["workloads"]:
         assert all(m["identical_outputs"] is None for m in workload["methods"].values())
-        assert workload["methods"]["ragspec-model"]["mean_acceptance_length"] >= 1.0  # the cost rule may skip
+        # acceptance is reported for the engine methods (the cost rule may skip every draft, so no
+        # bound on its value), not for generate()
+        assert workload["methods"]["ragspec-model"]["mean_acceptance_length"] is not None
+        assert workload["methods"]["hf-greedy"]["mean_acceptance_length"] is None
     assert "samples at temperature 0.7" in (tmp_path / "s" / "report.md").read_text()
