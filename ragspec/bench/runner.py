@@ -57,8 +57,7 @@ def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = N
                   draft: LoadedModel | None = None) -> dict:
     """Benchmark, write JSON + Markdown + plots under options.json_path, return the report.
     `draft`: a loaded draft model (else options.draft_model is loaded, if set)."""
-    engine, loaded_draft = _as_engine(engine, options, draft)
-    draft = draft or loaded_draft
+    engine, draft = _as_engine(engine, options, draft)
     workloads = load_workloads(options, engine)
     setup = MethodSetup(options.model, draft, Sampling(options.temperature, options.seed))
     methods = build_methods(options.methods, engine, setup)
