@@ -43,3 +43,8 @@ class IndexVersionMismatch(IndexCorrupt):
 
 class CorpusNotFound(RagspecError):
     """A document path given to an index build that does not exist."""
+
+
+class DocumentUnreadable(RagspecError):
+    """A document given to read (`ragspec ask --doc`, DocumentSession) that is missing, empty, of
+    an unsupported type, damaged, or holds no text (an image-only PDF)."""
