@@ -9,12 +9,10 @@ parametrised over this table, so a drafter is tested the day it is registered.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from ragspec.drafting.layer_skip import SelfDraftConfig
-from ragspec.drafting.model import ModelDraftConfig
 
 if TYPE_CHECKING:
     from ragspec.config import SamplingConfig
@@ -40,9 +38,18 @@ DrafterFactoryFn = Callable[[DraftRequest, Any], "Drafter | None"]  # (request, 
 @dataclass(frozen=True)
 class DrafterEntry:
     factory: DrafterFactoryFn
-    config_type: type | None = None  # the drafter's own config dataclass
+    # the drafter's own config dataclass, or "module:Class" imported on first use (keeps this
+    # table, and so SpecConfig and the retrieval drafters, importable without torch)
+    config_ref: type | str | None = None
     default: bool = True  # runs unless SpecConfig.drafters says otherwise
     summary: str = ""
+
+    @property
+    def config_type(self) -> type | None:
+        if isinstance(self.config_ref, str):
+            module, _, name = self.config_ref.partition(":")
+            return getattr(importlib.import_module(module), name)
+        return self.config_ref
 
 
 def _context(request: DraftRequest, _config) -> Drafter:
@@ -114,9 +121,9 @@ REGISTRY: dict[str, DrafterEntry] = {
     "past": DrafterEntry(_past, summary="earlier answers (per index, or global)"),
     "recycling": DrafterEntry(_recycling, summary="the target's own earlier top-k successors"),
     "datastore": DrafterEntry(_datastore, summary="the index's token datastore (RAG requests)"),
-    "model": DrafterEntry(_model, ModelDraftConfig, default=False,
+    "model": DrafterEntry(_model, "ragspec.drafting.model:ModelDraftConfig", default=False,
                           summary="a small draft model with the target's tokenizer (dynamic tree)"),
-    "self": DrafterEntry(_self, SelfDraftConfig, default=False,
+    "self": DrafterEntry(_self, "ragspec.drafting.layer_skip:SelfDraftConfig", default=False,
                          summary="the target with some layers skipped (calibrated, no training)"),
 }
 
@@ -138,6 +145,7 @@ def build_drafters(names, request: DraftRequest, options: tuple = ()) -> list[Dr
 
 def config_for(entry: DrafterEntry, options: tuple):
     """The instance of the entry's config type in `options`, else its default one."""
-    if entry.config_type is None:
+    config_type = entry.config_type
+    if config_type is None:
         return None
-    return next((option for option in options if type(option) is entry.config_type), None) or entry.config_type()
+    return next((option for option in options if type(option) is config_type), None) or config_type()

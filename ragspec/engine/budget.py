@@ -15,14 +15,16 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ragspec.drafting.base import ema, warn_once, write_atomically
 from ragspec.drafting.tree import monotone_scores, prune
-from ragspec.models import LoadedModel, cache_dir
 from ragspec.types import DraftTree
+
+if TYPE_CHECKING:  # NodeBudget imports without torch (the vLLM proposer calibrates with it)
+    from ragspec.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,8 @@ def load_or_measure_curve(target: LoadedModel, rows: tuple[int, ...] = PROFILE_R
     """The cached curve for this model/device/dtype, measured (a few seconds) when missing or
     unreadable. The cache file is written like learned state (`write_atomically`): concurrent
     processes each measure and the last one's curve is kept; a failed write is only a warning."""
+    from ragspec.models import cache_dir
+
     path = cache_dir() / "latency" / f"{target.fingerprint}.json"
     curve = read_curve(path)
     if curve is None:
@@ -188,18 +192,24 @@ def save_curve(path: Path, curve: LatencyCurve) -> bool:
     return True
 
 
-@torch.inference_mode()
 def measure_latency_curve(
     target: LoadedModel, rows: tuple[int, ...] = PROFILE_ROWS, repeats: int = 3
 ) -> LatencyCurve:
     """Median latency of one tree-verify forward (chain tree) per row count, row counts interleaved
     in each round so that a slow moment of the machine spreads over all of them."""
+    import torch
+
     from ragspec.verify import TreeVerifier
 
-    vocab = int(target.model.config.vocab_size)
+    with torch.inference_mode():
+        return _measure_latency_curve(target, rows, repeats, torch, TreeVerifier)
+
+
+def _measure_latency_curve(target: LoadedModel, rows, repeats, torch, TreeVerifier) -> LatencyCurve:
+    vocab = target.vocab_size
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(0, vocab, (PROFILE_CONTEXT,), generator=generator).tolist()
-    verifier = TreeVerifier(target)
+    verifier = target.new_verifier()  # the target's own backend: its curve is keyed by target.fingerprint
     verifier.prefill(context)
     trees = [_chain_tree(context[: n - 1]) for n in rows]
     times: list[list[float]] = [[] for _ in rows]
