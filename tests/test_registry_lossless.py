@@ -21,6 +21,7 @@ from ragspec import Engine
 from ragspec.config import SpecConfig
 from ragspec.drafting.layer_skip import SelfDraftConfig
 from ragspec.drafting.model import ModelDraftConfig
+from ragspec.drafting.rapid import RapidConfig
 from ragspec.drafting.registry import REGISTRY
 from ragspec.errors import ConfigError
 
@@ -30,6 +31,7 @@ TEST_CONFIGS: dict[str, Callable[[object], object]] = {
     # by default it stays off where its skip set predicts a loss, as on a 2-layer model
     "self": lambda tokenizer: SelfDraftConfig(calibration_tokens=64, min_predicted_speedup=0.0,
                                               draft=ModelDraftConfig(cost_aware=False)),
+    "rapid": lambda tokenizer: RapidConfig(cost_aware=False),
 }
 
 PROMPTS = [
@@ -56,7 +58,8 @@ def test_every_registered_drafter_alone_equals_plain_greedy(name, tokenizer):
     engine = Engine(target, latency_curve=FLAT_CURVE, spec=SpecConfig(drafters=(name,), options=options),
                     persist_state=False)
     plain = Engine(target, latency_curve=FLAT_CURVE, prefix_cache=False)
-    requests = [(p, {}) for p in PROMPTS] + [(p, {"documents": documents(plain)}) for p in PROMPTS]
+    # the documents requests also carry a draft prompt (the bare question: RAPID's short context)
+    requests = [(p, {}) for p in PROMPTS] + [(p, {"documents": documents(plain), "draft_prompt": p}) for p in PROMPTS]
     drafted = 0
     for prompt, extra in requests * 2:  # the second round lets drafters that learn from answers draft
         try:

@@ -30,6 +30,8 @@ class DraftRequest:
     sampling: SamplingConfig
     index: Any = None  # the request's opened Index, or None
     rag: RagPrompt | None = None  # its retrieved chunks (index or documents), or None
+    draft_prompt_ids: list[int] | None = None  # [draft prompt tokens]: what the RAPID drafter reads
+    # instead of prompt_ids (GenerationRequest.draft_prompt, encoded), or None
 
 
 DrafterFactoryFn = Callable[[DraftRequest, Any], "Drafter | None"]  # (request, config) -> drafter, None: skip
@@ -110,6 +112,12 @@ def _model(request: DraftRequest, config) -> Drafter:
     return build_model_drafter(request, config)
 
 
+def _rapid(request: DraftRequest, config) -> Drafter | None:
+    from ragspec.drafting.rapid import build_rapid_drafter
+
+    return build_rapid_drafter(request, config)
+
+
 def _self(request: DraftRequest, config) -> Drafter:
     from ragspec.drafting.layer_skip import build_self_drafter
 
@@ -125,6 +133,9 @@ REGISTRY: dict[str, DrafterEntry] = {
                           summary="a small draft model with the target's tokenizer (dynamic tree)"),
     "self": DrafterEntry(_self, "ragspec.drafting.layer_skip:SelfDraftConfig", default=False,
                          summary="the target with some layers skipped (calibrated, no training)"),
+    "rapid": DrafterEntry(_rapid, "ragspec.drafting.rapid:RapidConfig",
+                          summary="RAPID: a model (the target itself by default) reading only the request's "
+                                  "draft_prompt (retrieved chunks + question); skipped without one"),
 }
 
 

@@ -220,7 +220,7 @@ class Engine:
     def stream(self, request: GenerationRequest | Prompt, **options) -> TextStream:
         """`request`: a GenerationRequest (options replace its fields), or a prompt and the
         GenerationRequest fields as options (max_new_tokens, temperature, top_k, top_p, seed,
-        stop, speculative, index, k, rag_template, documents).
+        stop, speculative, index, k, rag_template, documents, draft_prompt).
 
         With `index` (a name, path or Index), the k best chunks for the question go into the
         prompt through `rag_template` ({context}, {question}) and feed the datastore drafter;
@@ -259,7 +259,8 @@ class Engine:
         """`index`: the request's opened Index, or None."""
         if self.drafter_factories:
             return [d for factory in self.drafter_factories for d in factory(self)]
-        request = DraftRequest(self, prompt_ids, asked.sampling, index, rag)
+        draft_prompt_ids = self.encode(asked.draft_prompt) if asked.draft_prompt is not None else None
+        request = DraftRequest(self, prompt_ids, asked.sampling, index, rag, draft_prompt_ids=draft_prompt_ids)
         return build_drafters(self.spec.drafters, request, self.spec.options)
 
     def shared_state(self, key: str, make: Callable[[], object]):

@@ -23,6 +23,9 @@ class GenerationRequest:
     `documents`, texts retrieved elsewhere (any LangChain retriever, a vector store); either way
     the texts fill `rag_template`'s {context} and become the drafting scope of the request (the
     documents' tokens go into a datastore of their own, built for this request).
+    `draft_prompt`: a short prompt the RAPID drafter reads instead of the request's prompt (the
+    retrieved chunks and the question, `ragspec.longdoc.rapid_prompt`); the target reads the full
+    prompt. Without one the "rapid" drafter does not run.
     """
 
     prompt: Prompt
@@ -37,12 +40,15 @@ class GenerationRequest:
     k: int = 5
     rag_template: str | None = None
     documents: tuple[str, ...] | None = None
+    draft_prompt: Prompt | None = None
     sampling: SamplingConfig = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", _checked_prompt(self.prompt))
         object.__setattr__(self, "stop", tuple(stop_strings(self.stop)))
         object.__setattr__(self, "documents", _checked_documents(self.documents))
+        if self.draft_prompt is not None:
+            object.__setattr__(self, "draft_prompt", _checked_prompt(self.draft_prompt))
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:

@@ -1,0 +1,117 @@
+"""RAPID drafting (retrieval-augmented speculative decoding for long contexts): a model drafter
+that reads a short prompt, the question with the document's few retrieved chunks, instead of the
+whole document the target reads.
+
+The drafter is `ModelTreeDrafter` over a `DraftLM` of its own (see ragspec.drafting.model); only
+its context differs. The target's context is `prompt_ids + generated`; the drafter's is
+`draft_prompt_ids + generated`: the prompt part is replaced, the generated tokens (and the pending
+token) are the same. So its KV cache holds ~1k tokens where the target's holds the whole document,
+and a draft forward costs attention over the short cache only. With `model="target"` the drafter is
+the target's own weights reading the short context (no second model, its own small KV cache),
+which pays where attention over the long cache dominates a step; a path or "auto" drafts with a
+small trained draft model instead.
+
+Lossless: its nodes are verified by the target like every draft (greedy: identical output;
+sampling: each node carries its draft distribution for residual rejection). The draft cost rule
+is the model drafter's: a depth is drafted only while its expected accepted tokens are worth
+more than its forward, a token being worth a plain target step at the current cache length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ragspec.drafting.base import DraftContext
+from ragspec.drafting.model import DraftCosts, DraftLM, ModelDraftConfig, ModelTreeDrafter, engine_draft_model
+from ragspec.errors import ConfigError
+from ragspec.models import LoadedModel
+from ragspec.types import DraftTree, StepResult
+
+if TYPE_CHECKING:
+    from ragspec.drafting.registry import DraftRequest
+
+TARGET_AS_DRAFTER = "target"  # RapidConfig.model: the target's own weights read the short context
+RAPID_TOP_K = 4  # chunks in the draft prompt (4 x ~192 tokens: a ~1k-token draft context)
+
+
+@dataclass(frozen=True)
+class RapidConfig:
+    """The "rapid" drafter's knobs. `model`: "target" (the target itself, with its own KV cache of
+    the short context), an HF model directory / .gguf path, "auto" (the draft model `ragspec draft
+    train` made for this target) or a LoadedModel. `chunks`: how many retrieved chunks the draft
+    prompt holds (read by whoever builds the draft prompt, e.g. `ragspec.longdoc`). `top_k`,
+    `width`, `max_depth`, `cost_aware`: the tree, as ModelDraftConfig's.
+    `knowledge_transfer_eta`: LOSSY when > 0 (RAPID's knowledge transfer, shifting the target's
+    distribution toward the drafter's); 0 keeps the output exactly the target's."""
+
+    model: str | LoadedModel = field(default=TARGET_AS_DRAFTER, hash=False)
+    chunks: int = RAPID_TOP_K
+    top_k: int = 4
+    width: int = 4
+    max_depth: int = 6
+    cost_aware: bool = True
+    knowledge_transfer_eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.chunks < 1:
+            raise ConfigError(f"RapidConfig.chunks must be >= 1, got {self.chunks}")
+        if not 0.0 <= self.knowledge_transfer_eta < 1.0:
+            raise ConfigError(f"RapidConfig.knowledge_transfer_eta must be in [0, 1), got {self.knowledge_transfer_eta}")
+        self.tree()  # checks top_k, width, max_depth
+
+    def tree(self) -> ModelDraftConfig:
+        """The tree drafter's config (the model is resolved separately)."""
+        return ModelDraftConfig(model=None, top_k=self.top_k, width=self.width, max_depth=self.max_depth,
+                                cost_aware=self.cost_aware)
+
+
+class RapidDrafter:
+    """A ModelTreeDrafter whose context is the draft prompt + the tokens generated so far."""
+
+    def __init__(self, inner: ModelTreeDrafter, prompt_length: int, draft_prompt_ids: list[int]):
+        self.inner = inner
+        self.name = inner.name
+        self.prompt_length = prompt_length  # target prompt tokens replaced by the draft prompt
+        self.draft_prompt_ids = np.asarray(draft_prompt_ids, dtype=np.int64)  # [draft prompt tokens]
+
+    def draft_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """The drafter's context for the target context `tokens` (prompt, generated, pending)."""
+        if len(tokens) <= self.prompt_length:
+            raise ValueError("the target context must hold the prompt and a pending token")
+        return np.concatenate([self.draft_prompt_ids, np.asarray(tokens[self.prompt_length :], dtype=np.int64)])
+
+    def propose(self, context: DraftContext) -> DraftTree:
+        return self.inner.propose(DraftContext(self.draft_tokens(context.tokens), context.max_nodes))
+
+    def observe(self, step: StepResult) -> None:
+        self.inner.observe(step)
+
+    @property
+    def drafted_steps(self) -> int:
+        return self.inner.drafted_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.inner.skipped_steps
+
+
+def rapid_draft_model(engine, model: str | LoadedModel) -> LoadedModel:
+    """The target itself for "target"; otherwise the draft model (loaded once per engine)."""
+    return engine.target if model == TARGET_AS_DRAFTER else engine_draft_model(engine, model)
+
+
+def build_rapid_drafter(request: DraftRequest, config: RapidConfig) -> RapidDrafter | None:
+    """A fresh drafter (its own KV cache) per request that has a draft prompt; None otherwise."""
+    if not request.draft_prompt_ids:
+        return None
+    engine = request.engine
+    draft = rapid_draft_model(engine, config.model)
+    costs = engine.shared_state(f"rapid-draft-costs:{draft.name}-{draft.identity}", DraftCosts)
+    inner = ModelTreeDrafter(
+        DraftLM.of(draft), "rapid", config.tree(), engine.budget, sampling=request.sampling,
+        vocab_size=int(engine.target.model.config.vocab_size), costs=costs,
+    )
+    return RapidDrafter(inner, len(request.prompt_ids), list(request.draft_prompt_ids))
