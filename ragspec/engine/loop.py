@@ -30,6 +30,8 @@ def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_len
     """The fused draft tree for this step, pruned to the budget, and the seconds it took."""
     start = time.perf_counter()
     room = context_length - len(tokens) - 1  # positions left for drafts, bonus token kept
+    if budget is not None:  # the step's verify cost (and a model drafter's token value) depend on it
+        budget.cache_length = len(tokens)
     if not drafters or budget is None or room <= 0:
         return DraftTree.empty(), time.perf_counter() - start
     context = DraftContext(tokens=tokens.view(), max_nodes=min(budget.max_nodes, room))
