@@ -14,6 +14,9 @@ from ragspec.types import TokenBuffer
 NGRAM_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 SEPARATOR = -1  # between unrelated sequences (e.g. stored responses); matches no real token
 _HASH_BASE = np.uint64(0x9E3779B97F4A7C15)
+_MASK = (1 << 64) - 1
+_POWERS = [pow(int(_HASH_BASE), i, 1 << 64) for i in range(max(NGRAM_SIZES) + 1)]
+SMALL_EXTEND = 16  # appending at most this many tokens (a decode step) hashes in plain Python
 
 
 def ngram_hashes(tokens: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
@@ -22,6 +25,21 @@ def ngram_hashes(tokens: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         for offset in range(n, 0, -1):
             hashes = hashes * _HASH_BASE + tokens[ends - offset].astype(np.uint64)
+    return hashes
+
+
+def suffix_hashes(tokens: list[int], sizes: tuple[int, ...]) -> dict[int, int]:
+    """ngram_hashes of the last n tokens of `tokens`, for every n in sizes (ascending) that fits, in
+    one pass of Python ints: a step appends a few tokens, where numpy's per-call overhead is ~10x
+    the work. Same values: the hash of the last n tokens is sum(token[-i] * BASE**(i - 1))."""
+    hashes, value, n = {}, 0, 0
+    for size in sizes:
+        if size > len(tokens):
+            break
+        while n < size:
+            n += 1
+            value = (value + (tokens[-n] & _MASK) * _POWERS[n - 1]) & _MASK
+        hashes[size] = value
     return hashes
 
 
@@ -42,6 +60,9 @@ class NgramIndex:
         """Append tokens; each new position p is indexed under the n-grams that end right before it."""
         start = len(self._buffer)
         self._buffer.extend(tokens)
+        if len(self._buffer) - start <= SMALL_EXTEND:
+            self._extend_small(start)
+            return
         positions = np.arange(max(start, 1), len(self._buffer))
         data = self._buffer.view()
         for n in self.sizes:
@@ -54,14 +75,29 @@ class NgramIndex:
                 else:
                     followers.append(position)
 
+    def _extend_small(self, start: int) -> None:
+        """extend() for a few new positions: each one's n-gram keys from one pass over the tokens before it."""
+        end = len(self._buffer)
+        window = self._buffer.view()[max(0, start - self.sizes[-1]) : end].tolist()
+        offset = end - len(window)
+        for position in range(max(start, 1), end):
+            keys = suffix_hashes(window[: position - offset], self.sizes)
+            for n, key in keys.items():
+                followers = self._followers[n].get(key)
+                if followers is None:
+                    self._followers[n][key] = [position]
+                else:
+                    followers.append(position)
+
     def matches(self, query: np.ndarray, max_results: int, max_match: int) -> tuple[np.ndarray, np.ndarray]:
         """Positions following earlier occurrences of query's suffix, longest match first (latest
         first among equals), with each match's true length (up to max_match). Both [<= max_results]."""
         starts: list[int] = []
+        keys = suffix_hashes(query[-self.sizes[-1]:].tolist(), self.sizes)
         for n in reversed(self.sizes):
             if len(query) < n or len(starts) >= max_results:
                 continue
-            key = int(ngram_hashes(query, np.array([len(query)]), n)[0])
+            key = keys[n]
             followers = self._followers[n].get(key, ())
             seen = set(starts)
             starts.extend(p for p in reversed(followers[-max_results:]) if p not in seen)

@@ -1,0 +1,348 @@
+"""ragspec's retrieval drafters as a vLLM speculative proposer (`method="custom_class"`).
+
+    LLM(model=..., speculative_config={"method": "custom_class",
+                                       "model": "ragspec.vllm.RagspecProposer",
+                                       "num_speculative_tokens": 6},
+        additional_config={"ragspec": {"index": "/srv/indexes/docs", "drafters": ["context", "past", "datastore"]}})
+
+vLLM calls `propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu)` once per step with
+one row per running request and no request ids (docs/scaling.md). Each row is drafted like a
+ragspec request (context suffix over the row's own tokens, earlier answers, the index's token
+datastore), the drafts are fused into one tree, and the tree is cut to its best chain by the
+NodeBudget's calibrated scores, because vLLM verifies chains only (never more than
+`num_speculative_tokens` tokens: more crashes the engine). Drafts never change vLLM's output:
+it verifies every token, so a wrong match only costs speed.
+
+Requests are recognised by content (`RowKey`): a row whose tokens extend a known request's by
+exactly the tokens sampled this step continues that request, wherever the row moved to. A
+request whose row is gone has finished or was preempted: its answer goes to the past-responses
+store, and its state waits in a small pool for a resume (vLLM re-prefills a preempted request
+with all its tokens, so its row key matches again).
+
+Imports numpy-only ragspec modules: no torch, no transformers (vLLM pins its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragspec.config import SpecConfig
+from ragspec.drafting.base import DraftContext
+from ragspec.drafting.context_suffix import ContextSuffixDrafter
+from ragspec.drafting.continuations import ContinuationDrafter, new_match_estimate
+from ragspec.drafting.datastore import DatastoreDrafter
+from ragspec.drafting.past_responses import PastResponsesDrafter
+from ragspec.drafting.tree import fuse
+from ragspec.engine.budget import LatencyCurve, NodeBudget
+from ragspec.errors import ConfigError
+from ragspec.types import ROOT, AcceptResult, DraftTree, StepResult, TokenBuffer
+
+log = logging.getLogger(__name__)
+
+KEY_TOKENS = 16  # tokens hashed at each end of a row for its content key
+SUPPORTED_DRAFTERS = ("context", "past", "datastore")  # the drafters that need no model
+
+
+@dataclass(frozen=True)
+class ProposerSettings:
+    """`additional_config={"ragspec": {...}}`; every field optional."""
+
+    drafters: tuple[str, ...] = ("context", "past")  # "datastore" is added when `index` is set
+    index: str | None = None  # an index directory (or a name under $RAGSPEC_INDEX_HOME), opened read-only
+    past_responses: str | None = None  # a .npy file shared by replicas (loaded at start, saved per answer)
+    past_max_tokens: int = 200_000  # tokens of earlier answers held in memory
+    max_match: int = 32  # longest suffix match measured (SpecConfig.max_match)
+    max_occurrences: int = 8  # earlier occurrences turned into branches (SpecConfig.max_occurrences)
+    min_score: float = 0.15  # a chain stops at the first node whose calibrated P(accepted) is lower
+    resume_pool: int = 256  # departed requests kept (tokens only) for a resume after preemption
+
+    def __post_init__(self) -> None:
+        drafters = tuple(self.drafters)
+        if self.index is not None and "datastore" not in drafters:
+            drafters += ("datastore",)
+        unknown = set(drafters) - set(SUPPORTED_DRAFTERS)
+        if unknown:
+            raise ConfigError(f"RagspecProposer runs {', '.join(SUPPORTED_DRAFTERS)}; not {sorted(unknown)} "
+                              "(vLLM gives a proposer no logits and no model)")
+        if "datastore" in drafters and self.index is None:
+            raise ConfigError("the datastore drafter needs additional_config ragspec.index")
+        if not 0.0 <= self.min_score < 1.0:
+            raise ConfigError(f"min_score must be in [0, 1), got {self.min_score}")
+        object.__setattr__(self, "drafters", drafters)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any] | None) -> "ProposerSettings":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown ragspec settings {sorted(unknown)}: choose from {', '.join(sorted(known))}")
+        if "drafters" in values:
+            values["drafters"] = tuple(values["drafters"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """A request's identity by content: its length and hashes of its first and last tokens."""
+
+    length: int
+    head: int
+    tail: int
+
+    @classmethod
+    def of(cls, row: np.ndarray, length: int) -> "RowKey":
+        head = row[: min(KEY_TOKENS, length)].astype(np.int64)  # vLLM's rows are int32, ours int64
+        tail = row[max(0, length - KEY_TOKENS) : length].astype(np.int64)
+        return cls(length, hash(head.tobytes()), hash(tail.tobytes()))
+
+
+@dataclass
+class Proposal:
+    """What was proposed for a request last step, kept until the next step shows what was accepted."""
+
+    chain: DraftTree  # the chain sent to vLLM (raw scores, sources): what the budget learns from
+    drafter_trees: list[tuple[ContinuationDrafter, DraftTree | None, list]]  # each drafter's own tree + buckets
+
+
+@dataclass
+class RequestState:
+    tokens: TokenBuffer  # every token of the request seen so far (the row's content)
+    prompt_length: int  # tokens before its first sampled one, as first seen
+    drafters: list[ContinuationDrafter]  # its own context / datastore drafters (the past store is shared)
+    proposal: Proposal | None = None
+    answered: int = 0  # output tokens already handed to the past-responses store
+
+    @property
+    def key(self) -> RowKey:
+        view = self.tokens.view()
+        return RowKey.of(view, len(view))
+
+
+@dataclass
+class StepTimes:
+    """Seconds spent in propose(), per call (for the drafting-latency target)."""
+
+    seconds: list[float] = field(default_factory=list)
+
+    def p50_ms(self) -> float:
+        return 1000 * float(np.median(self.seconds)) if self.seconds else 0.0
+
+
+class RagspecProposer:
+    """vLLM custom-class proposer: `__init__(vllm_config)`, `load_model(model)`, `propose(...)`."""
+
+    def __init__(self, vllm_config: Any = None, *, settings: ProposerSettings | None = None,
+                 num_speculative_tokens: int | None = None):
+        """`vllm_config`: vLLM's VllmConfig (read: speculative_config.num_speculative_tokens and
+        additional_config["ragspec"]); tests pass `settings` and `num_speculative_tokens`."""
+        if settings is None:
+            extra = getattr(vllm_config, "additional_config", None) or {}
+            settings = ProposerSettings.from_mapping(extra.get("ragspec"))
+        if num_speculative_tokens is None:
+            num_speculative_tokens = int(vllm_config.speculative_config.num_speculative_tokens)
+        if num_speculative_tokens < 1:
+            raise ConfigError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
+        self.settings = settings
+        self.k = num_speculative_tokens
+        self.spec = SpecConfig(max_nodes=64, max_match=settings.max_match, max_occurrences=settings.max_occurrences,
+                               max_depth=num_speculative_tokens, drafters=tuple(d for d in settings.drafters))
+        # Chains only: the budget's latency model is not used (vLLM verifies, not ragspec), only
+        # its per-source calibration of scores.
+        self.budget = NodeBudget(LatencyCurve(rows=(1,), seconds=(1.0,), adapt=False), max_nodes=self.k)
+        self._estimates = {"context": new_match_estimate(), "datastore": new_match_estimate()}
+        self.index = self._open_index(settings.index)
+        self.past = self._past_store(settings, self.spec) if "past" in settings.drafters else None
+        self._active: dict[RowKey, list[RequestState]] = {}  # key after the last step -> its requests
+        self._departed: OrderedDict[RowKey, list[RequestState]] = OrderedDict()  # waiting for a resume
+        self.times = StepTimes()
+        self.counts = {"new": 0, "continued": 0, "resumed": 0, "departed": 0, "answers": 0}
+
+    # ------------------------------------------------------------------ vLLM interface
+
+    def load_model(self, *args, **kwargs) -> None:
+        """No model: the drafts come from retrieval."""
+
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec, token_ids_cpu,
+                slot_mappings=None) -> list[list[int]]:
+        """One draft chain per row: `sampled_token_ids[i]` the tokens row i committed last step
+        (accepted drafts + the bonus; empty in prefill), `token_ids_cpu[i, :num_tokens_no_spec[i]]`
+        its tokens so far (those included). Returns at most k tokens per row."""
+        start = time.perf_counter()
+        tokens = np.asarray(token_ids_cpu)
+        lengths = np.asarray(num_tokens_no_spec).reshape(-1)
+        previous, self._active = self._active, {}
+        drafts = [self._propose_row(previous, tokens[i], int(lengths[i]), sampled)
+                  for i, sampled in enumerate(sampled_token_ids)]
+        self._depart(previous)
+        self.times.seconds.append(time.perf_counter() - start)
+        return drafts
+
+    # ------------------------------------------------------------------ one row
+
+    def _propose_row(self, previous: dict[RowKey, list[RequestState]], row: np.ndarray, length: int,
+                     sampled: list[int]) -> list[int]:
+        if length <= 0:
+            return []
+        state = self._find(previous, row, length - len(sampled))
+        if state is None:
+            state = self._new_state(length - len(sampled) if sampled else length)
+            state.tokens.extend(row[: length - len(sampled)])
+        if sampled and state.proposal is not None:
+            self._learn(state.proposal, sampled)
+        state.proposal = None
+        state.tokens.extend(row[len(state.tokens) : length])
+        self._active.setdefault(state.key, []).append(state)
+        if not sampled:  # prefill (or a row vLLM does not speculate on this step)
+            return []
+        return self._draft(state)
+
+    def _find(self, previous: dict[RowKey, list[RequestState]], row: np.ndarray, before: int) -> RequestState | None:
+        """The request this row continues: its tokens before this step's sampled ones match a known
+        request's, among last step's rows first, then departed (preempted) ones."""
+        if before <= 0:
+            return None
+        key = RowKey.of(row, before)
+        for pool in (previous, self._departed):
+            states = pool.get(key)
+            if states:
+                state = states.pop()
+                if not states:
+                    del pool[key]
+                if pool is self._departed:  # resumed after preemption
+                    state.drafters = self._new_drafters()
+                self.counts["resumed" if pool is self._departed else "continued"] += 1
+                return state
+        return None
+
+    def _new_state(self, prompt_length: int) -> RequestState:
+        self.counts["new"] += 1
+        return RequestState(tokens=TokenBuffer([]), prompt_length=prompt_length, drafters=self._new_drafters())
+
+    def _new_drafters(self) -> list[ContinuationDrafter]:
+        """A request's own drafters (per-request state: its suffix index, its last tree); the
+        match-rate estimates are shared by all requests."""
+        drafters: list[ContinuationDrafter] = []
+        if "context" in self.settings.drafters:
+            drafters.append(ContextSuffixDrafter(self.spec, self._estimates["context"]))
+        if self.index is not None:
+            drafters.append(DatastoreDrafter(self.index.datastore, None, self.spec, self._estimates["datastore"]))
+        return drafters
+
+    def _draft(self, state: RequestState) -> list[int]:
+        context = DraftContext(tokens=state.tokens.view(), max_nodes=self.spec.max_nodes)
+        drafter_trees, trees = [], []
+        for drafter in self._drafters_of(state):
+            tree = drafter.propose(context)
+            # the past store is shared by every row: keep this row's tree for its own observe
+            drafter_trees.append((drafter, drafter._last_tree, drafter._last_buckets))
+            if tree.num_nodes:
+                trees.append(tree)
+        if not trees:
+            return []
+        tree = trees[0] if len(trees) == 1 else fuse(trees)
+        chain = best_chain(tree, self.budget.calibrated_scores(tree), self.k, self.settings.min_score)
+        if not chain.num_nodes:
+            return []
+        state.proposal = Proposal(chain, drafter_trees)
+        return chain.token_ids.tolist()
+
+    def _drafters_of(self, state: RequestState) -> list[ContinuationDrafter]:
+        return state.drafters if self.past is None else [*state.drafters, self.past]
+
+    def _learn(self, proposal: Proposal, sampled: list[int]) -> None:
+        """What vLLM committed after our chain: its accepted drafts, then the bonus token."""
+        chain = proposal.chain
+        drafted = chain.token_ids.tolist()
+        accepted = 0
+        while accepted < min(len(sampled) - 1, len(drafted)) and sampled[accepted] == drafted[accepted]:
+            accepted += 1
+        step = StepResult(
+            tree=chain,
+            accept=AcceptResult(list(range(accepted)), sampled[:accepted], int(sampled[accepted])),
+            logits=None,  # vLLM gives a proposer none; no drafter here reads them
+            draft_s=0.0, verify_s=0.0,
+        )
+        self.budget.observe(chain, list(range(accepted)), 0.0)
+        for drafter, tree, buckets in proposal.drafter_trees:
+            drafter._last_tree, drafter._last_buckets = tree, buckets
+            drafter.observe(step)
+
+    # ------------------------------------------------------------------ departures
+
+    def _depart(self, unmatched: dict[RowKey, list[RequestState]]) -> None:
+        """Requests no row continued: finished, or preempted (kept a while for a resume)."""
+        for key, states in unmatched.items():
+            for state in states:
+                state.proposal = None  # never verified: nothing to learn from it
+                state.drafters = []  # their indexes are rebuilt from the tokens on a resume
+                self.counts["departed"] += 1
+                self._answer(state)
+                self._departed.setdefault(key, []).append(state)
+        while sum(map(len, self._departed.values())) > self.settings.resume_pool:
+            self._departed.popitem(last=False)
+
+    def _answer(self, state: RequestState) -> None:
+        tokens = state.tokens.view()
+        output = tokens[state.prompt_length :]
+        if self.past is None or len(output) <= state.answered:
+            return
+        self.past.finish_request(tokens[: state.prompt_length].tolist(), output.tolist())
+        state.answered = len(output)
+        self.counts["answers"] += 1
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _open_index(where: str | None):
+        if where is None:
+            return None
+        from ragspec.index.index import open_index
+
+        index = open_index(where)  # arrays memory-mapped read-only: shared by every worker's page cache
+        index.datastore.prepare()
+        return index
+
+    @staticmethod
+    def _past_store(settings: ProposerSettings, spec: SpecConfig) -> PastResponsesDrafter:
+        path = Path(settings.past_responses).expanduser() if settings.past_responses else None
+        return PastResponsesDrafter(spec, max_tokens=settings.past_max_tokens, state_path=path)
+
+
+def best_chain(tree: DraftTree, scores: np.ndarray, max_length: int, min_score: float = 0.0) -> DraftTree:
+    """The root path of at most `max_length` nodes with the largest summed `scores` (the expected
+    accepted tokens of a chain), cut before the first node scored below `min_score`. The chain
+    keeps the tree's raw scores and sources. `scores` [num_nodes], none above its parent's."""
+    if not tree.num_nodes:
+        return tree
+    parents = tree.parents.tolist()
+    depth = np.zeros(tree.num_nodes, dtype=np.int64)
+    gain = np.zeros(tree.num_nodes)
+    usable = scores >= min_score
+    for node, parent in enumerate(parents):
+        depth[node] = 1 if parent == ROOT else depth[parent] + 1
+        gain[node] = scores[node] + (0.0 if parent == ROOT else gain[parent])
+        if parent != ROOT and not usable[parent]:
+            usable[node] = False
+    usable &= depth <= max_length
+    if not usable.any():
+        return DraftTree.empty()
+    node = int(np.argmax(np.where(usable, gain, -np.inf)))
+    path = []
+    while node != ROOT:
+        path.append(node)
+        node = parents[node]
+    path.reverse()
+    return DraftTree(
+        token_ids=tree.token_ids[path],
+        parents=np.arange(len(path), dtype=np.int64) - 1,
+        scores=tree.scores[path],
+        sources=tuple(tree.sources[i] for i in path),
+    )
