@@ -123,12 +123,13 @@ class DocumentSession:
     def _check_room(self, tokens: int, question_tokens: int = 0) -> None:
         limit = self.engine.target.context_length
         if tokens + question_tokens + 1 >= limit:  # +1: a question needs at least one token
+            names = ", ".join(d.name for d in self.documents)
+            what = f"the documents ({names}) take" if len(self.documents) > 1 else f"the document ({names}) takes"
             asked = f" and the question {question_tokens} more" if question_tokens else ""
             raise PromptTooLong(
-                f"the document{'s' if len(self.documents) > 1 else ''} ({', '.join(d.name for d in self.documents)}) "
-                f"take{'' if len(self.documents) > 1 else 's'} {tokens} tokens with the prompt around "
-                f"{'them' if len(self.documents) > 1 else 'it'}{asked}, but {self.engine.target.name} holds "
-                f"{limit} tokens of context: ask about a shorter document, or a part of it"
+                f"{what} {tokens} tokens with the prompt around the question{asked}, but "
+                f"{self.engine.target.name} holds {limit} tokens of context: ask about a shorter document "
+                "(or a part of it)"
             )
 
     def prompt(self, question: str) -> str:
