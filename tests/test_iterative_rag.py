@@ -73,15 +73,18 @@ def test_ralmspec_equals_naive_tiny(tiny_iterative_engine, book_retriever, token
 def test_rollback_on_wrong_speculation(tiny_iterative_engine, book_retriever):
     runner = StrideRunner(tiny_iterative_engine, book_retriever,
                           IterativeConfig(stride=3, query_tokens=16, max_new_tokens=30, token_speculation=True))
+    resumed = 0
     for asynchronous in (False, True):
         for question in QUESTIONS:
             naive = generate_naive(runner, question)
             fast = generate_ralmspec(runner, question, RalmSpecConfig(asynchronous=asynchronous),
                                      cache=FarthestCache(book_retriever))
+            resumed += fast.resumes
             assert fast.rollbacks > 0
             assert fast.speculation_hits < fast.speculated
             assert fast.token_ids == naive.token_ids
             assert fast.passages == naive.passages
+    assert resumed  # a rollback went on decoding the segment it had left (no re-prefill)
 
 
 def test_async_verifier_overlaps_slow_retriever(tiny_iterative_engine, book_retriever):

@@ -67,6 +67,7 @@ class IterativeResult:
     speculated: int = 0  # strides generated on a speculated passage (RaLMSpec)
     speculation_hits: int = 0  # of those, verified correct
     prefills: int = 0  # segments started (a passage change re-prefills)
+    resumes: int = 0  # rollbacks that went on decoding a parked segment instead of re-prefilling
     stride_plan: list[int] = field(default_factory=list)  # [batches] strides speculated per verification
     spec: SpecStats = field(default_factory=SpecStats)  # token-level steps over all segments
 

@@ -132,6 +132,7 @@ class _Speculation:
         if self.segment is None or self.segment.passage != passage or self.segment.position != len(self.generated):
             if resume is not None and resume.passage == passage and resume.position == len(self.generated):
                 self.segment = resume
+                self.result.resumes += 1
             else:
                 self.segment = self.runner.segment(self.layout, passage, self.generated, self.result)
         self.result.passages.append(passage)
