@@ -41,6 +41,18 @@ class LoadedModel:
     kernels: KernelPlan | None = None  # load_model: the CPU kernels chosen and why (ragspec.kernels.select)
     source_identity: str | None = None  # load_model: files_identity() of the directory loaded from
 
+    backend = "transformers"  # see ragspec.backends
+
+    def new_verifier(self, prefix=None):
+        """A TreeVerifier for one request, starting from the KVPrefix `prefix` when it can."""
+        from ragspec.verify.verifier import TreeVerifier
+
+        return TreeVerifier(self, prefix)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -64,9 +76,7 @@ class LoadedModel:
     @cached_property
     def tokenizer_fingerprint(self) -> str:
         """Stable hash of the vocabulary: indexes built with another tokenizer are refused."""
-        vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-        digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-        return digest[:16]
+        return vocab_fingerprint(self.tokenizer)
 
     @cached_property
     def identity(self) -> str:
@@ -110,6 +120,12 @@ class LoadedModel:
         whether linears are packed), for caches such as the latency curve."""
         packed = "-packed" if self.packed_linears else ""
         return f"{self.model_fingerprint}-{self.model.config._attn_implementation}{packed}"
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """Stable hash of a tokenizer's vocabulary (LoadedModel.tokenizer_fingerprint)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def cache_dir() -> Path:

@@ -17,9 +17,9 @@ from ragspec.engine.rag import RagPrompt, build_documents_prompt, build_rag_prom
 from ragspec.engine.request import GenerationRequest, Piece, Prompt
 from ragspec.engine.text import TextAssembler
 from ragspec.errors import ConfigError, PromptTooLong
-from ragspec.models import LoadedModel, load_model
+from ragspec.backends import TargetBackend, load_target
 from ragspec.types import SpecStats
-from ragspec.verify import KVPrefix, TreeVerifier
+from ragspec.verify import KVPrefix
 from ragspec.verify.prefix_pool import DEFAULT_ENTRIES, PrefixPool
 
 DrafterFactory = Callable[["Engine"], list[Drafter]]  # called once per request
@@ -121,10 +121,12 @@ class Engine:
 
     def __init__(
         self,
-        model: str | LoadedModel | None = None,
+        model: str | TargetBackend | None = None,
         *,
         device: str | None = None,
         dtype: str | None = None,
+        backend: str = "transformers",
+        backend_options=None,
         spec: SpecConfig | None = None,
         drafter_factories: Sequence[DrafterFactory] | None = None,
         latency_curve: LatencyCurve | None = None,
@@ -138,8 +140,12 @@ class Engine:
         cache dir, past responses in each index directory); `prefix_cache` keeps the KV caches of
         the last `prefix_cache_entries` requests (least recently used dropped first) so that a
         prompt starting with the same tokens as one of them (the earlier turns of a chat) prefills
-        only the rest."""
-        self.target = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+        only the rest. `backend`: which engine runs the target ("transformers", or "llamacpp" for a
+        .gguf file, with a LlamaCppOptions as `backend_options`; see ragspec.backends)."""
+        if model is None or isinstance(model, (str, Path)):
+            self.target = load_target(model, backend, device=device, dtype=dtype, options=backend_options)
+        else:
+            self.target = model
         self.spec = spec or SpecConfig()
         self.drafter_factories = list(drafter_factories or [])
         self.index_home = Path(index_home) if index_home else None
@@ -193,7 +199,7 @@ class Engine:
         with self._lock:
             prompt_ids = self.encode(prompt, add_generation_prompt=False)
             self._check_fits(prompt_ids)
-            verifier = TreeVerifier(self.target, self._take_prefix(prompt_ids))
+            verifier = self.target.new_verifier(self._take_prefix(prompt_ids))
             verifier.prefill(prompt_ids)  # every token but the last, which the next request feeds
             prefix = verifier.export_prefix()
             self._prefixes.put(prefix)
@@ -278,7 +284,7 @@ class Engine:
         verifier, steps, reason = None, None, None
         try:
             with self._lock:
-                verifier = TreeVerifier(self.target, self._take_prefix(request.prompt_ids))
+                verifier = self.target.new_verifier(self._take_prefix(request.prompt_ids))
                 budget = self.budget() if request.drafters else None
                 steps = decode_steps(verifier, request.prompt_ids, drafters=request.drafters, budget=budget,
                                      sampling=request.sampling, stats=stats, min_draft_prob=self.spec.min_draft_prob)

@@ -15,7 +15,7 @@ from ragspec.engine.budget import NodeBudget
 from ragspec.engine.request import TARGET_SOURCE
 from ragspec.sampling import accept_greedy, accept_sampled
 from ragspec.types import DraftTree, SpecStats, StepResult, TokenBuffer
-from ragspec.verify import TreeVerifier
+from ragspec.backends.base import TargetVerifier
 
 
 def _timed_propose(drafter: Drafter, context: DraftContext, stats: SpecStats) -> DraftTree:
@@ -42,7 +42,7 @@ def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_len
 
 
 def decode_steps(
-    verifier: TreeVerifier,
+    verifier: TargetVerifier,
     prompt_ids: Sequence[int],
     *,
     drafters: Sequence[Drafter],
