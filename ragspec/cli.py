@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -152,9 +153,12 @@ def chat(system, model, dtype, device, draft_model, **options):
 
 
 @main.command()
-@click.argument("question")
-@click.option("--index", "index_name", required=True, help="Index name (under --home) or path.")
-@click.option("-k", "k", default=5, show_default=True, help="Chunks retrieved into the prompt.")
+@click.argument("questions", nargs=-1)
+@click.option("--index", "index_name", default=None, help="Index name (under --home) or path.")
+@click.option("--doc", "docs", multiple=True, type=click.Path(path_type=Path),
+              help="Answer from this whole document (txt, md, html, pdf; repeatable) instead of an index.")
+@click.option("-k", "k", default=None, type=click.IntRange(min=1),
+              help="Chunks retrieved into the prompt [default: 5]; with --doc, into the RAPID draft prompt [4].")
 @click.option("--scope", type=click.Choice(["retrieved", "index"]), default="retrieved", show_default=True,
               help="Datastore drafting over the retrieved chunks only, or the whole index.")
 @click.option("--show-sources", is_flag=True, help="List the retrieved chunks after the answer.")
@@ -163,19 +167,35 @@ def chat(system, model, dtype, device, draft_model, **options):
 @_draft_model_option
 @_generation_options
 @library_errors
-def ask(question, index_name, k, scope, show_sources, home, model, dtype, device, draft_model, **options):
-    """Answer QUESTION from an index: retrieve k chunks, generate with retrieval drafts.
+def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype, device, draft_model, **options):
+    """Answer QUESTIONS from an index (retrieve k chunks, draft from them) or from whole documents
+    (--doc: the model reads all of it, the RAPID drafter the chunks closest to the question; later
+    questions reuse the document's KV cache). With --doc and no QUESTIONS, questions are read from
+    stdin, one a line.
 
-    Example: ragspec ask --index austen "Who does Elizabeth marry?" --stats --show-sources
+    Examples: ragspec ask --index austen "Who does Elizabeth marry?" --stats --show-sources
+              ragspec ask --doc report.pdf "What was the revenue?" "And the costs?" --stats
     """
     from ragspec.config import SpecConfig
 
+    if bool(index_name) == bool(docs):
+        raise click.UsageError("pass --index NAME or --doc FILE (one of them)")
+    if docs:
+        if show_sources:
+            raise click.UsageError("--show-sources lists an index's chunks: it does not apply to --doc")
+        from ragspec.longdoc.cli import ask_documents
+
+        return ask_documents(lambda: _engine(model, dtype, device, draft_model), docs, questions, options, chunks=k,
+                             print_stats=_print_stats)
+    if not questions:
+        raise click.UsageError("missing QUESTIONS")
     engine = _engine(model, dtype, device, draft_model, index_home=home, spec=SpecConfig(datastore_scope=scope))
-    result = _stream(engine, question, {**options, "index": index_name, "k": k})
-    if show_sources:
-        for rank, chunk in enumerate(result.sources, 1):
-            preview = " ".join(chunk.text.split())[:100]
-            click.echo(f"[{rank}] {chunk.score:.3f} {chunk.source}: {preview}", err=True)
+    for question in questions:
+        result = _stream(engine, question, {**options, "index": index_name, "k": k or 5})
+        if show_sources:
+            for rank, chunk in enumerate(result.sources, 1):
+                preview = " ".join(chunk.text.split())[:100]
+                click.echo(f"[{rank}] {chunk.score:.3f} {chunk.source}: {preview}", err=True)
 
 
 @main.command()
