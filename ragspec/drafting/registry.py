@@ -73,7 +73,7 @@ def _past(request: DraftRequest, _config) -> Drafter:
     state = path / PAST_RESPONSES_FILE if path is not None and engine.persist_state else None
 
     def make() -> PastResponsesDrafter:
-        return PastResponsesDrafter(engine.spec, state_path=state, vocab_size=int(engine.target.model.config.vocab_size))
+        return PastResponsesDrafter(engine.spec, state_path=state, vocab_size=engine.target.vocab_size)
 
     return engine.shared_state(f"past:{path or ''}", make)
 
@@ -87,7 +87,7 @@ def _recycling(request: DraftRequest, _config) -> Drafter:
     def make() -> TokenRecyclingDrafter:
         # keyed by the model's identity (its files, or its weights), not its folder's name
         state = cache_dir() / "recycling" / f"{target.name}-{target.identity}-{target.tokenizer_fingerprint}.npy"
-        return TokenRecyclingDrafter(int(target.model.config.vocab_size), state if engine.persist_state else None)
+        return TokenRecyclingDrafter(target.vocab_size, state if engine.persist_state else None)
 
     return engine.shared_state("recycling", make)
 
