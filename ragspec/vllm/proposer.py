@@ -179,18 +179,22 @@ class RagspecProposer:
         tokens = np.asarray(token_ids_cpu)
         lengths = np.asarray(num_tokens_no_spec).reshape(-1)
         previous, self._active = self._active, {}
-        drafts = [self._propose_row(previous, tokens[i], int(lengths[i]), sampled)
-                  for i, sampled in enumerate(sampled_token_ids)]
-        self._depart(previous)
+        rows = [self._match_row(previous, tokens[i], int(lengths[i]), sampled)
+                for i, sampled in enumerate(sampled_token_ids)]
+        self._depart(previous)  # first: a finished answer can draft for a request arriving now
+        drafts = [[] if state is None or not sampled else self._draft(state)
+                  for state, sampled in zip(rows, sampled_token_ids)]
         self.times.seconds.append(time.perf_counter() - start)
         return drafts
 
     # ------------------------------------------------------------------ one row
 
-    def _propose_row(self, previous: dict[RowKey, list[RequestState]], row: np.ndarray, length: int,
-                     sampled: list[int]) -> list[int]:
+    def _match_row(self, previous: dict[RowKey, list[RequestState]], row: np.ndarray, length: int,
+                   sampled: list[int]) -> RequestState | None:
+        """The request in this row (found, resumed or new), brought up to the row's tokens, and
+        taught what vLLM accepted of its last chain. None for an empty row."""
         if length <= 0:
-            return []
+            return None
         state = self._find(previous, row, length - len(sampled))
         if state is None:
             state = self._new_state(length - len(sampled) if sampled else length)
@@ -200,9 +204,7 @@ class RagspecProposer:
         state.proposal = None
         state.tokens.extend(row[len(state.tokens) : length])
         self._active.setdefault(state.key, []).append(state)
-        if not sampled:  # prefill (or a row vLLM does not speculate on this step)
-            return []
-        return self._draft(state)
+        return state
 
     def _find(self, previous: dict[RowKey, list[RequestState]], row: np.ndarray, before: int) -> RequestState | None:
         """The request this row continues: its tokens before this step's sampled ones match a known
