@@ -38,20 +38,23 @@ from ragspec.cli_support import library_errors
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--max-context-tokens", type=click.IntRange(min=1), default=5500, show_default=True,
               help="Long documents are cut to this many tokens.")
+@click.option("--min-document-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Leave out long documents shorter than this many tokens (after the cut).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Model dtype [default: the engine's choice].")
 @click.option("--model", default=None, help="HF model directory or .gguf file [default: embedded].")
 @click.option("--json", "json_path", default=DEFAULT_JSON, show_default=True,
               help="Report path; report.md and PNG plots are written beside it.")
 @click.option("--experiment", "experiments", multiple=True, type=click.Choice(EXPERIMENTS),
-              help="Also run: past-twice (questions asked twice, one engine) or drafter-ablation "
-                   "(single drafters vs fused, per Spec-Bench category). Repeatable.")
+              help="Also run: past-twice (questions asked twice, one engine), drafter-ablation "
+                   "(single drafters vs fused, per Spec-Bench category) or longdoc-sessions (every question "
+                   "of --limit L-Eval documents in one session: TTFT first vs later questions). Repeatable.")
 @click.option("--full", is_flag=True,
               help="All Spec-Bench categories, mt_redundant, long documents, RAG workloads and both experiments.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @library_errors
 def bench_command(data_dir, workloads, methods, draft_model, temperature, seed, limit, max_new_tokens,
-                  max_context_tokens, dtype, model, json_path, experiments, full, no_plots) -> None:
+                  max_context_tokens, min_document_tokens, dtype, model, json_path, experiments, full, no_plots) -> None:
     """Benchmark ragspec against plain decoding and transformers' generate on real prompts.
 
     Example: ragspec bench --workload rag:spec_bench --limit 2 --max-new-tokens 64 --experiment past-twice
@@ -66,6 +69,7 @@ def bench_command(data_dir, workloads, methods, draft_model, temperature, seed, 
         limit=limit or (FULL_LIMIT if full else DEFAULT_LIMIT),
         max_new_tokens=max_new_tokens,
         max_context_tokens=max_context_tokens,
+        min_document_tokens=min_document_tokens,
         dtype=dtype,
         model=model,
         json_path=json_path,
@@ -105,6 +109,13 @@ def _experiment_summary(experiments: dict) -> list[str]:
     if ablation:
         lines.append(f"drafter-ablation: fused >= best single drafter in every category: "
                      f"{ablation['fused_ge_best_single_everywhere']}")
+    sessions = experiments.get("longdoc_sessions") or {}
+    for name, run in sessions.get("sets", {}).items():
+        for method, entry in run["summary"].items():
+            ratio = entry["ttft_ratio_min"]
+            lines.append(f"longdoc-sessions {name} {method}: first-question TTFT {entry['first_ttft_s_mean']:.2f} s, "
+                         f"later questions at least {'—' if ratio is None else f'{ratio:.1f}x'} sooner "
+                         f"(target {sessions['ttft_target']:.0f}x), identical={entry['identical_outputs']}")
     return lines
 
 

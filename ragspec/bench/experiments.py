@@ -6,6 +6,9 @@
   drafter-ablation  per Spec-Bench category of the selected workloads: each single drafter
                     (context, recycling, past) and the fused default, each in a fresh engine on
                     the same model and latency curve; is fused >= the best single drafter?
+  longdoc-sessions  every question of an L-Eval document in one DocumentSession (ragspec with RAPID,
+                    ragspec-ar): time to first token of the first question vs the later ones, which
+                    reuse the document's KV cache (ragspec.bench.longdoc_sessions)
 """
 
 from __future__ import annotations
@@ -71,6 +74,10 @@ def run_experiment(name: str, options: BenchOptions, engine: Engine) -> dict:
         return past_twice(options, engine, options.experiment_limit or PAST_TWICE_QUESTIONS)
     if name == "drafter-ablation":
         return drafter_ablation(options, engine, options.experiment_limit or options.limit)
+    if name == "longdoc-sessions":
+        from ragspec.bench.longdoc_sessions import longdoc_sessions
+
+        return longdoc_sessions(options, engine)
     raise ConfigError(f"unknown experiment {name!r}: use {' or '.join(EXPERIMENTS)}")
 
 

@@ -9,7 +9,7 @@ from ragspec.bench.workloads import DEFAULT_WORKLOADS
 from ragspec.config import SamplingConfig
 from ragspec.errors import ConfigError
 
-EXPERIMENT_NAMES = ("past-twice", "drafter-ablation")
+EXPERIMENT_NAMES = ("past-twice", "drafter-ablation", "longdoc-sessions")
 DEFAULT_LIMIT = 3
 FULL_LIMIT = 10
 DEFAULT_DATA_DIR = "../shared/data"
@@ -24,13 +24,15 @@ class BenchOptions:
     limit: int | None = DEFAULT_LIMIT  # prompts per workload; None = all
     max_new_tokens: int = 128
     max_context_tokens: int = 5500  # long documents are cut to this many tokens
+    min_document_tokens: int = 0  # long documents shorter than this (after the cut) are left out
     dtype: str | None = None  # None: the engine's own choice (bf16 on CPUs that run it fast)
     model: str | None = None  # None: the embedded model
     json_path: str = DEFAULT_JSON  # report.md and the PNG plots go beside it
     plots: bool = True
     warmup: bool = True
-    experiments: tuple[str, ...] = ()  # "past-twice", "drafter-ablation"; run after the workloads
-    experiment_limit: int | None = None  # questions; None: 10 for past-twice, `limit` per ablation category
+    experiments: tuple[str, ...] = ()  # EXPERIMENT_NAMES; run after the workloads
+    experiment_limit: int | None = None  # questions; None: 10 for past-twice, `limit` per ablation category;
+    # longdoc-sessions: documents per L-Eval set (None: 1), every question of each
     draft_model: str | None = None  # a draft model's path, or "auto" (trained here for the embedded
     # target); with one, `ragspec` fuses it with the retrieval drafters and ragspec-model/hf-assisted run
     temperature: float = 0.0  # > 0: every method samples (outputs are then not compared)

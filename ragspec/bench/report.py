@@ -124,6 +124,7 @@ def summarize_workload(run: WorkloadRun, dtype: str, sampled: bool = False) -> d
     for name, metrics in methods.items():
         metrics["speedup_vs_ragspec_ar"] = _ratio(metrics, methods.get(REFERENCE_METHOD))
         metrics["speedup_vs_hf_pld"] = _ratio(metrics, methods.get(PLD_METHOD))
+        metrics["decode_speedup_vs_ragspec_ar"] = _ratio(metrics, methods.get(REFERENCE_METHOD), "decode_tokens_per_s")
         if reference is None or sampled:
             metrics["identical_outputs"] = None
             continue
@@ -169,10 +170,10 @@ def _mean_per_prompt(stats: list[SpecStats], field: str) -> float | None:
     return sum(getattr(s, field) for s in stats) / len(stats) if stats else None
 
 
-def _ratio(metrics: dict, base: dict | None) -> float | None:
-    if base is None or not base["tokens_per_s"]:
+def _ratio(metrics: dict, base: dict | None, key: str = "tokens_per_s") -> float | None:
+    if base is None or not base[key] or metrics[key] is None:
         return None
-    return metrics["tokens_per_s"] / base["tokens_per_s"]
+    return metrics[key] / base[key]
 
 
 def find_divergences(outputs: list[MethodOutput], reference: list[MethodOutput], request_ids: list[str],
@@ -362,6 +363,10 @@ def experiment_lines(experiments: dict) -> list[str]:
         lines += ["", f"Acceptance length ratio {_fmt(past['acceptance_length_ratio'], 'x')} (target "
                   f"{_fmt(past['target_ratio'], 'x')}), tok/s ratio {_fmt(past['tokens_per_s_ratio'], 'x')}, "
                   f"identical outputs {_fmt_bool(past['identical_outputs'])}."]
+    if experiments.get("longdoc_sessions"):
+        from ragspec.bench.longdoc_sessions import session_lines
+
+        lines += session_lines(experiments["longdoc_sessions"])
     ablation = experiments.get("drafter_ablation")
     if ablation:
         labels = list(ablation["configurations"])
@@ -380,12 +385,13 @@ def experiment_lines(experiments: dict) -> list[str]:
 
 def _method_table(methods: dict) -> list[str]:
     rows = ["| method | tok/s | speedup vs ragspec-ar | speedup vs hf-pld | mean acceptance length | "
-            "decode tok/s | TTFT s | cached prompt tokens | tokens | identical |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "decode tok/s | decode speedup vs ragspec-ar | TTFT s | cached prompt tokens | tokens | identical |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, m in methods.items():
         rows.append(f"| {name} | {_fmt(m['tokens_per_s'])} | {_fmt(m['speedup_vs_ragspec_ar'], 'x')} | "
                     f"{_fmt(m['speedup_vs_hf_pld'], 'x')} | {_fmt(m['mean_acceptance_length'])} | "
-                    f"{_fmt(m['decode_tokens_per_s'])} | {_fmt(m['time_to_first_token_s'])} | "
+                    f"{_fmt(m['decode_tokens_per_s'])} | {_fmt(m.get('decode_speedup_vs_ragspec_ar'), 'x')} | "
+                    f"{_fmt(m['time_to_first_token_s'])} | "
                     f"{_fmt(m.get('cached_prompt_tokens'), digits=0)} | {m['num_generated_tokens']} | "
                     f"{_fmt_bool(m['identical_outputs'])} |")
     return rows
