@@ -45,3 +45,11 @@ def test_every_question_of_a_document_in_one_session(tokenizer, tmp_path):
     assert summary["ragspec"]["later_cached_share_min"] > 0.8
     lines = "\n".join(session_lines(result))
     assert "long-document sessions" in lines and "| ragspec |" in lines and "| ragspec-ar |" in lines
+
+
+def test_no_long_document_workload_no_sessions(tokenizer):
+    engine = Engine(tiny_loaded("llama", tokenizer), latency_curve=FLAT_CURVE)
+    options = BenchOptions(workloads=("spec_bench:writing",), experiments=("longdoc-sessions",))
+    result = run_experiment("longdoc-sessions", options, engine)
+    assert result["sets"] == {}
+    assert "No long-document workload" in "\n".join(session_lines(result))

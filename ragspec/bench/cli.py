@@ -47,8 +47,9 @@ from ragspec.cli_support import library_errors
               help="Report path; report.md and PNG plots are written beside it.")
 @click.option("--experiment", "experiments", multiple=True, type=click.Choice(EXPERIMENTS),
               help="Also run: past-twice (questions asked twice, one engine), drafter-ablation "
-                   "(single drafters vs fused, per Spec-Bench category) or longdoc-sessions (every question "
-                   "of --limit L-Eval documents in one session: TTFT first vs later questions). Repeatable.")
+                   "(single drafters vs fused, per Spec-Bench category) or longdoc-sessions (every question of "
+                   "--limit documents of each longdoc:/jsonl: workload in one session: TTFT first vs later "
+                   "questions). Repeatable.")
 @click.option("--full", is_flag=True,
               help="All Spec-Bench categories, mt_redundant, long documents, RAG workloads and both experiments.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")

@@ -25,7 +25,6 @@ from ragspec.errors import ConfigError
 log = logging.getLogger("ragspec.bench")
 
 TTFT_TARGET = 5.0  # first question's TTFT / later questions' TTFT
-DEFAULT_SET = "longdoc:quality"
 SESSION_METHODS = ("ragspec-ar", "ragspec")  # plain decoding first: the reference answers
 
 
@@ -91,9 +90,9 @@ def leval_documents(name: str, data_dir: str | Path, limit: int | None) -> list[
 
 
 def session_sets(workloads: Sequence[str]) -> list[str]:
-    """The L-Eval sets among the selected workloads (longdoc:<set>, jsonl:<path>), else quality."""
-    found = [w for w in workloads if w.startswith(("longdoc:", "jsonl:"))]
-    return found or [DEFAULT_SET]
+    """The L-Eval sets among the selected workloads (longdoc:<set>, jsonl:<path>); none when no
+    long-document workload is selected (a run of short prompts does not pay for long documents)."""
+    return [w for w in workloads if w.startswith(("longdoc:", "jsonl:"))]
 
 
 def run_sessions(engine, name: str, documents: Sequence[tuple[str, list[str]]], *, max_new_tokens: int,
@@ -167,8 +166,8 @@ def _summary(rows: list[dict]) -> dict:
 
 
 def longdoc_sessions(options, engine) -> dict:
-    """The experiment over the selected L-Eval sets (`options.experiment_limit` documents each, or
-    1; every question of each document)."""
+    """The experiment over the selected L-Eval workloads (`options.experiment_limit` documents each,
+    or 1; every question of each document)."""
     sets = {}
     for name in session_sets(options.workloads):
         documents = leval_documents(name, options.data_dir, options.experiment_limit or 1)
@@ -179,8 +178,10 @@ def longdoc_sessions(options, engine) -> dict:
 
 def session_lines(experiment: dict) -> list[str]:
     """The report.md section."""
-    lines = ["", "## Experiment: long-document sessions (every question of a document in one session)", "",
-             "| set | method | first TTFT s | later TTFT s (mean) | ratio min / geomean | decode tok/s | MAL | "
+    lines = ["", "## Experiment: long-document sessions (every question of a document in one session)", ""]
+    if not experiment["sets"]:
+        return lines + ["No long-document workload (longdoc:<set>, jsonl:<path>) was selected."]
+    lines += ["| set | method | first TTFT s | later TTFT s (mean) | ratio min / geomean | decode tok/s | MAL | "
              "later cached share | identical |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, run in experiment["sets"].items():
         for method, s in run["summary"].items():
