@@ -21,9 +21,11 @@ _LAZY = {
     "TextStream": "ragspec.engine",
     "LoadedModel": "ragspec.models",
     "load_model": "ragspec.models",
+    "DocumentSession": "ragspec.longdoc.session",
 }
 
 __all__ = [
+    "DocumentSession",
     "DraftTree",
     "Engine",
     "Generation",

@@ -9,7 +9,6 @@ indexed or prefilled.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -35,7 +34,9 @@ class Document:
     @property
     def checksum(self) -> str:
         """sha256 of the text: the key its chunks and embeddings are cached under."""
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+        from ragspec.longdoc.chunks import document_checksum
+
+        return document_checksum(self.text)
 
 
 def read_document(path: str | os.PathLike) -> Document:
