@@ -1,16 +1,24 @@
-"""The retriever of iterative RAG: one query embedding per stride, FAISS top-1 over chunk vectors.
+"""The retriever of iterative RAG: one query embedding per stride, top-1 over chunk vectors.
 
 Both methods (naive and RaLMSpec) embed every query alone, so a query's vector does not depend
 on which other queries it is searched with; the batched verification only stacks those vectors
-into one FAISS call. FAISS answers each row of a batch exactly as it answers that row alone
-(flat: per-query scans below `faiss.cvar.distance_compute_blas_threshold`, 20 rows, so batches
-stay under MAX_BATCH; HNSW: independent per-query graph walks), which is what makes the
-speculative output equal the naive one.
+into one search call. The search answers each row of a batch exactly as it answers that row
+alone, which is what makes the speculative output equal the naive one:
+
+- `flat` (exact): `ExactFlat`. One BLAS pass scores every chunk for every query of the batch
+  (the pass reads the whole matrix once, so 8 queries cost about what 1 costs: the saving
+  RaLMSpec batches for); its float32 scores only shortlist the chunks within MARGIN of the best,
+  and the shortlist is rescored exactly (float64 products of the float32 values, summed with
+  math.fsum: the correctly rounded inner product), ties going to the lower chunk id. The top-1 is
+  thus a property of (query, matrix), whatever BLAS kernel the batch size picked. (FAISS's flat
+  index scans the matrix once per query below 20 queries, so it would not batch at all.)
+- `hnsw`: FAISS HNSW, whose graph walks are independent per query.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,19 +31,50 @@ from ragspec.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RETRIEVERS = ("flat", "hnsw")
-MAX_BATCH = 16  # queries per FAISS call: below FAISS's BLAS threshold (20), rows searched one by one
+MAX_BATCH = 16  # queries per batched search (OS3 stride bound)
 HNSW_M = 32
+MARGIN = 1e-4  # > twice float32's worst-case error on a 384-dim inner product of unit vectors (~2.3e-5)
+
+
+class ExactFlat:
+    """Exact inner-product search over a [num_chunks, dim] float32 matrix (see the module doc)."""
+
+    def __init__(self, matrix: np.ndarray):
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)  # [num_chunks, dim]
+        self.ntotal, self.d = self.matrix.shape
+
+    def reconstruct(self, chunk_id: int) -> np.ndarray:
+        return self.matrix[chunk_id]
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [nq, k], ids [nq, k]), best first. k == 1 is exact and batch-invariant; larger
+        k (the prefetch) ranks by the float32 scores."""
+        scores = queries @ self.matrix.T  # [nq, num_chunks], one pass over the matrix
+        if k == 1:
+            best = [self._exact_top1(query, row) for query, row in zip(queries, scores)]
+            return (np.array([[s] for s, _ in best], dtype=np.float32), np.array([[i] for _, i in best], dtype=np.int64))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(scores, top, 1).argsort(axis=1)[:, ::-1]
+        ids = np.take_along_axis(top, order, 1)
+        return np.take_along_axis(scores, ids, 1), ids.astype(np.int64)
+
+    def _exact_top1(self, query: np.ndarray, approximate: np.ndarray) -> tuple[float, int]:
+        shortlist = np.flatnonzero(approximate >= approximate.max() - MARGIN)  # ascending ids
+        query64 = query.astype(np.float64)
+        exact = [math.fsum(self.matrix[i].astype(np.float64) * query64) for i in shortlist]
+        position = int(np.argmax(exact))  # the first maximum: the lowest id among ties
+        return exact[position], int(shortlist[position])
 
 
 @dataclass
 class RetrievalClock:
-    """Where retrieval time went (seconds), and how many FAISS calls and query rows there were."""
+    """Where retrieval time went (seconds), and how many search calls and query rows there were."""
 
     embed_s: float = 0.0
-    search_s: float = 0.0  # FAISS calls made on the calling thread
-    calls: int = 0  # FAISS search calls (a batched verification is one)
+    search_s: float = 0.0  # search calls made on the calling thread
+    calls: int = 0  # search calls (a batched verification is one)
     queries: int = 0  # query rows searched
-    per_call_s: list[float] = field(default_factory=list)  # [calls] each FAISS call's latency
+    per_call_s: list[float] = field(default_factory=list)  # [calls] each search call's latency
 
 
 class Retriever:
@@ -66,8 +105,8 @@ class Retriever:
         return vector
 
     def search(self, vectors: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray, float]:
-        """(scores [n, k], chunk ids [n, k], seconds) for query vectors [n, dim], in one FAISS call.
-        Thread-safe for concurrent readers (FAISS releases the GIL while it searches)."""
+        """(scores [n, k], chunk ids [n, k], seconds) for query vectors [n, dim], in one call.
+        Thread-safe for concurrent readers (BLAS and FAISS release the GIL while they search)."""
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if len(vectors) > MAX_BATCH:
             raise ConfigError(f"at most {MAX_BATCH} queries per batched search, got {len(vectors)}")
@@ -106,11 +145,7 @@ def _dense_for(index, kind: str, size: int):
     import faiss
 
     if kind == "flat":
-        if size == index.num_chunks and isinstance(faiss.downcast_index(index.dense), faiss.IndexFlat):
-            return index.dense
-        flat = faiss.IndexFlatIP(index.dense.d)
-        flat.add(_stored_vectors(index, size))
-        return flat
+        return ExactFlat(_stored_vectors(index, size))
     cached = _hnsw_path(index, size)
     if cached.is_file():
         graph = faiss.read_index(str(cached))
