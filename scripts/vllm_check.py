@@ -161,6 +161,7 @@ def load_workloads_module():
     """ragspec/bench/workloads.py without ragspec.bench's __init__ (which imports the HF engine)."""
     spec = importlib.util.spec_from_file_location("ragspec_bench_workloads", ROOT / "ragspec" / "bench" / "workloads.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -48,15 +48,17 @@ def main() -> None:
     start = time.perf_counter()
     sim.step()  # prefill: every prompt indexed
     prefill_ms = 1000 * (time.perf_counter() - start)
-    steps = []
+    steps, cpu = [], []
     while len(sim.running) == args.batch:  # full batches only
         sim.step()
         steps.append(proposer.times.seconds[-1])
-    steps_ms = 1000 * np.asarray(steps)
+        cpu.append(proposer.times.cpu_seconds[-1])
+    steps_ms, cpu_ms = 1000 * np.asarray(steps), 1000 * np.asarray(cpu)
     print(json.dumps({
         "batch": args.batch, "k": args.k, "prompt_tokens": args.prompt_tokens, "steps": len(steps),
         "propose_p50_ms": round(float(np.median(steps_ms)), 3),
         "propose_p90_ms": round(float(np.percentile(steps_ms, 90)), 3),
+        "propose_cpu_p50_ms": round(float(np.median(cpu_ms)), 3),
         "prefill_step_ms": round(prefill_ms, 1),
         "mean_acceptance_length": round(float(np.mean([r.mean_acceptance_length for r in requests])), 3),
     }))

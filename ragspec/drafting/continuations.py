@@ -22,7 +22,7 @@ _SHARE_MIDDLES = (1.0, 0.75, 0.45, 0.2, 0.05)
 
 def match_bucket(match_length: int) -> int:
     """0 for 1 token, 1 for 2, 2 for 3-4, 3 for 5-8, 4 for 9-16, 5 for 17-32, 6 for 33-64, 7 beyond."""
-    return min(7, int(np.ceil(np.log2(max(match_length, 1)))))
+    return min(7, (max(match_length, 1) - 1).bit_length())  # ceil(log2(m)), in integers (called per node)
 
 
 def share_bucket(share: float) -> int:

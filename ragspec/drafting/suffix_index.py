@@ -48,6 +48,10 @@ class NgramIndex:
         self.sizes = tuple(sorted(sizes))
         self._followers: dict[int, dict[int, list[int]]] = {n: {} for n in self.sizes}
         self._buffer = TokenBuffer([])
+        # _prefix[i]: the hash of tokens[:i] (sum of token[j] * BASE**(i - 1 - j)), so the hash of
+        # tokens[p - n : p] is _prefix[p] - _prefix[p - n] * BASE**n: a step's new positions cost
+        # one multiply per n-gram size
+        self._prefix: list[int] = [0]
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -60,6 +64,7 @@ class NgramIndex:
         """Append tokens; each new position p is indexed under the n-grams that end right before it."""
         start = len(self._buffer)
         self._buffer.extend(tokens)
+        self._extend_prefix(start)
         if len(self._buffer) - start <= SMALL_EXTEND:
             self._extend_small(start)
             return
@@ -75,17 +80,27 @@ class NgramIndex:
                 else:
                     followers.append(position)
 
+    def _extend_prefix(self, start: int) -> None:
+        prefix, base = self._prefix, int(_HASH_BASE)
+        value = prefix[-1]
+        for token in self._buffer.view()[start:].tolist():
+            value = (value * base + (token & _MASK)) & _MASK
+            prefix.append(value)
+
     def _extend_small(self, start: int) -> None:
-        """extend() for a few new positions: each one's n-gram keys from one pass over the tokens before it."""
-        end = len(self._buffer)
-        window = self._buffer.view()[max(0, start - self.sizes[-1]) : end].tolist()
-        offset = end - len(window)
-        for position in range(max(start, 1), end):
-            keys = suffix_hashes(window[: position - offset], self.sizes)
-            for n, key in keys.items():
-                followers = self._followers[n].get(key)
+        """extend() for a few new positions: each n-gram key from the prefix hashes (same values
+        as ngram_hashes), without numpy's per-call overhead."""
+        prefix = self._prefix
+        for position in range(max(start, 1), len(self._buffer)):
+            head = prefix[position]
+            for n in self.sizes:
+                if n > position:
+                    break
+                key = (head - prefix[position - n] * _POWERS[n]) & _MASK
+                table = self._followers[n]
+                followers = table.get(key)
                 if followers is None:
-                    self._followers[n][key] = [position]
+                    table[key] = [position]
                 else:
                     followers.append(position)
 

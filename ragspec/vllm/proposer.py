@@ -128,9 +128,11 @@ class RequestState:
 
 @dataclass
 class StepTimes:
-    """Seconds spent in propose(), per call (for the drafting-latency target)."""
+    """Seconds spent in propose(), per call (for the drafting-latency target): wall clock, and
+    this thread's CPU time (what the call costs when the machine is shared and it waits for a core)."""
 
     seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
 
     def p50_ms(self) -> float:
         return 1000 * float(np.median(self.seconds)) if self.seconds else 0.0
@@ -175,7 +177,7 @@ class RagspecProposer:
         """One draft chain per row: `sampled_token_ids[i]` the tokens row i committed last step
         (accepted drafts + the bonus; empty in prefill), `token_ids_cpu[i, :num_tokens_no_spec[i]]`
         its tokens so far (those included). Returns at most k tokens per row."""
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         tokens = np.asarray(token_ids_cpu)
         lengths = np.asarray(num_tokens_no_spec).reshape(-1)
         previous, self._active = self._active, {}
@@ -185,6 +187,7 @@ class RagspecProposer:
         drafts = [[] if state is None or not sampled else self._draft(state)
                   for state, sampled in zip(rows, sampled_token_ids)]
         self.times.seconds.append(time.perf_counter() - start)
+        self.times.cpu_seconds.append(time.thread_time() - start_cpu)
         return drafts
 
     # ------------------------------------------------------------------ one row
@@ -325,18 +328,19 @@ def best_chain(tree: DraftTree, scores: np.ndarray, max_length: int, min_score: 
     if not tree.num_nodes:
         return tree
     parents = tree.parents.tolist()
-    depth = np.zeros(tree.num_nodes, dtype=np.int64)
-    gain = np.zeros(tree.num_nodes)
-    usable = scores >= min_score
-    for node, parent in enumerate(parents):
-        depth[node] = 1 if parent == ROOT else depth[parent] + 1
-        gain[node] = scores[node] + (0.0 if parent == ROOT else gain[parent])
-        if parent != ROOT and not usable[parent]:
-            usable[node] = False
-    usable &= depth <= max_length
-    if not usable.any():
+    values = scores.tolist()
+    depth: list[int] = []
+    gain: list[float] = []
+    usable: list[bool] = []
+    for node, parent in enumerate(parents):  # parents come first: one pass top-down
+        top = parent == ROOT
+        depth.append(1 if top else depth[parent] + 1)
+        gain.append(values[node] + (0.0 if top else gain[parent]))
+        usable.append(values[node] >= min_score and depth[node] <= max_length and (top or usable[parent]))
+    candidates = [node for node, ok in enumerate(usable) if ok]
+    if not candidates:
         return DraftTree.empty()
-    node = int(np.argmax(np.where(usable, gain, -np.inf)))
+    node = max(candidates, key=gain.__getitem__)  # ties: the first (shallower or earlier) node
     path = []
     while node != ROOT:
         path.append(node)
