@@ -2,7 +2,8 @@
 max_model_len], num_tokens_no_spec [max_num_reqs], sampled_token_ids per row (empty in prefill),
 rows that move (condense, swaps), preemption and resume, identical prompts, the k cap. The batch
 bookkeeping is ragspec.vllm.batch_sim (vLLM's, without vLLM); `make vllm-check` runs the
-proposer inside vLLM itself. No torch anywhere here."""
+proposer inside vLLM itself. Only the index test builds an index (the embedded tokenizer and the
+embedder); the rest runs on numpy alone."""
 
 from __future__ import annotations
 
@@ -235,3 +236,25 @@ def test_core_runs_without_torch_or_transformers():
     """What vLLM's environment imports: the proposer, the drafters, the index reader, SpecConfig."""
     result = subprocess.run([sys.executable, "-c", BLOCKED_IMPORTS], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_index_datastore_drafts_through_the_proposer(tmp_path, tokenizer):
+    """An index given in the settings opens read-only (memory-mapped) and its datastore drafts:
+    a request quoting the indexed text gets the text's continuation as its chain."""
+    from ragspec.index import build_index_from_texts
+
+    text = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, lit the great lamp, "
+            "and wrote the weather, the ships he saw and the state of the sea into a leather logbook.")
+    index, _ = build_index_from_texts([("log", text)], "lighthouse", tmp_path, tokenizer=tokenizer,
+                                      chunk_tokens=64, overlap_tokens=8)
+    p = proposer(drafters=(), index=str(index.path))
+    assert p.settings.drafters == ("datastore",)
+    tokens = p.index.datastore.tokens
+    assert isinstance(tokens, np.memmap) and tokens.mode == "r"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    request = SimRequest(prompt=tokenizer("Tell me about it.", add_special_tokens=False).input_ids + ids[:12],
+                         oracle=ids[12:40])
+    sim = BatchSim(p, k=4, max_num_reqs=1, max_model_len=256)
+    sim.add(request)
+    sim.run()
+    assert request.mean_acceptance_length > 3.0, request.mean_acceptance_length
