@@ -8,6 +8,8 @@ samples (then every method samples at the run's temperature, and outputs are not
   ragspec-retrieval  ragspec with the default (retrieval) drafters only
   ragspec-pruned   the fused engine with RASD's pruning (SpecConfig.min_draft_prob=0.02)
   ragspec-self     ragspec with the layer-skipping self-drafter only
+  ragspec-norapid  ragspec without the RAPID drafter (long documents: what RAPID adds to `ragspec`)
+  ragspec-rapid    ragspec with the RAPID drafter only
   hf-greedy        transformers `model.generate(do_sample=False)`
   hf-pld           transformers prompt lookup decoding (`prompt_lookup_num_tokens=10`)
   hf-assisted      transformers assisted generation with the run's draft model
@@ -25,6 +27,11 @@ earlier turns cached, as a chat server does; the HF methods prefill the whole co
 
 On a RAG workload every method gets the same retrieved prompt: the two ragspec methods retrieve it
 themselves (index=, so their wall time includes one search), the others get its token ids.
+
+On a long-document workload (longdoc:<set>) every method reads the whole document; `ragspec` and
+`ragspec-rapid` also give the RAPID drafter the document's chunks retrieved for the question
+(`LongDocContext`: the document is chunked and embedded untimed, as an index is built; the search
+for the question is timed, inside the method's call).
 """
 
 from __future__ import annotations
@@ -52,7 +59,8 @@ REFERENCE_METHOD = "ragspec-ar"
 SPECULATIVE_METHOD = "ragspec"
 DEFAULT_METHODS = ("ragspec-ar", "ragspec", "hf-greedy", "hf-pld")
 MODEL_DRAFT_METHODS = ("ragspec-model", "ragspec-pruned", "hf-assisted")  # need a draft model
-ALL_METHODS = (*DEFAULT_METHODS, "ragspec-model", "ragspec-retrieval", "ragspec-pruned", "ragspec-self",
+ALL_METHODS = (*DEFAULT_METHODS, "ragspec-norapid", "ragspec-rapid", "ragspec-model", "ragspec-retrieval",
+               "ragspec-pruned", "ragspec-self",
                "hf-assisted", "hf-early-exit", "llamacpp-greedy")
 PLD_NUM_TOKENS = 10
 RASD_MIN_PROB = 0.02  # ragspec-pruned's SpecConfig.min_draft_prob
@@ -78,6 +86,21 @@ class RagContext:
 
 
 @dataclass(frozen=True)
+class LongDocContext:
+    """A long-document request: its document's chunks (ragspec.longdoc.DocumentChunks) and the
+    question the RAPID drafter retrieves chunks for."""
+
+    chunks: object  # DocumentChunks of the document as the prompt holds it
+    question: str
+
+    def draft_prompt(self, k: int) -> list[dict]:
+        """RAPID's short prompt: the `k` chunks closest to the question, and the question."""
+        from ragspec.longdoc import rapid_prompt
+
+        return rapid_prompt(self.chunks.top_chunks(self.question, k), self.question)
+
+
+@dataclass(frozen=True)
 class PreparedRequest:
     """What every method is given for one measured prompt."""
 
@@ -85,6 +108,7 @@ class PreparedRequest:
     messages: list[dict]
     prompt_ids: list[int]
     rag: RagContext | None = None
+    longdoc: LongDocContext | None = None  # methods with `reads_longdoc` get it (the RAPID drafter's source)
 
 
 class Method(Protocol):
@@ -108,13 +132,16 @@ class EngineMethod:
     engine: Engine
     speculative: bool
     sampling: Sampling = Sampling()
+    reads_longdoc: bool = False  # a long-document request's chunks go to the RAPID drafter
 
     def run(self, messages: Sequence[dict], prompt_ids: list[int], max_new_tokens: int,
-            rag: RagContext | None = None) -> MethodOutput:
+            rag: RagContext | None = None, longdoc: LongDocContext | None = None) -> MethodOutput:
         options = {"max_new_tokens": max_new_tokens, "speculative": self.speculative,
                    "temperature": self.sampling.temperature, "seed": self.sampling.seed}
         self._set_prefix_cache(messages, rag)
         start = time.perf_counter()
+        if longdoc is not None and self.reads_longdoc:  # the question's search is timed, as a user's request has it
+            options["draft_prompt"] = longdoc.draft_prompt(rapid_chunks(self.engine))
         if rag is None:
             out = self.engine.generate(messages, **options)
         else:  # retrieval runs inside the call, as a user's RAG request does
@@ -249,7 +276,14 @@ def _build_method(name: str, engine: Engine, setup: MethodSetup) -> Method:
     if name in MODEL_DRAFT_METHODS and setup.draft is None:
         raise ConfigError(f"method {name} needs a draft model: pass --draft-model PATH (or auto)")
     if name in (REFERENCE_METHOD, SPECULATIVE_METHOD):
-        return EngineMethod(name, engine, name == SPECULATIVE_METHOD, sampling)
+        speculative = name == SPECULATIVE_METHOD
+        return EngineMethod(name, engine, speculative, sampling, reads_longdoc=speculative)
+    if name == "ragspec-norapid":
+        drafters = tuple(d for d in engine.spec.drafters if d != "rapid")
+        return EngineMethod(name, fresh_engine(engine, dataclasses.replace(engine.spec, drafters=drafters)), True, sampling)
+    if name == "ragspec-rapid":
+        spec = dataclasses.replace(engine.spec, drafters=("rapid",))
+        return EngineMethod(name, fresh_engine(engine, spec), True, sampling, reads_longdoc=True)
     if name == "ragspec-model":
         return EngineMethod(name, fresh_engine(engine, model_draft_spec(setup.draft, ())), True, sampling)
     if name == "ragspec-retrieval":
@@ -293,6 +327,13 @@ def _llamacpp_method(engine: Engine, model_path: str | None, n_ctx: int) -> Meth
 
     llama = Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False)
     return LlamaCppMethod("llamacpp-greedy", llama, engine.target.eos_token_ids)
+
+
+def rapid_chunks(engine: Engine) -> int:
+    """How many chunks `engine`'s RAPID drafter reads (its RapidConfig.chunks)."""
+    from ragspec.drafting.registry import REGISTRY, config_for
+
+    return config_for(REGISTRY["rapid"], engine.spec.options).chunks
 
 
 def fresh_engine(engine: Engine, spec: SpecConfig) -> Engine:

@@ -24,6 +24,7 @@ from ragspec.bench.experiments import run_experiment
 from ragspec.bench.options import BenchOptions
 from ragspec.bench.peers import (
     REFERENCE_METHOD,
+    LongDocContext,
     Method,
     MethodOutput,
     MethodSetup,
@@ -141,6 +142,8 @@ def load_workloads(options: BenchOptions, engine: Engine) -> list[Workload]:
         max_document_tokens=options.max_context_tokens,
         max_prompt_tokens=engine.target.context_length - options.max_new_tokens,
         truncate=tokenizer_truncate(engine.tokenizer),
+        min_document_tokens=options.min_document_tokens,
+        count_tokens=lambda text: len(engine.tokenizer(text, add_special_tokens=False).input_ids),
     )
     names = dict.fromkeys(options.workloads)
     return [load_workload(name, options.data_dir, options.limit, budget) for name in names]
@@ -162,7 +165,7 @@ def run_workload(workload: Workload, methods: Sequence[Method], engine: Engine, 
     if workload.rag is None:
         def prepare(request: Request) -> PreparedRequest:
             messages = prepare_messages(engine, request, max_new_tokens)
-            return PreparedRequest(request.request_id, messages, engine.encode(messages))
+            return PreparedRequest(request.request_id, messages, engine.encode(messages), longdoc=longdoc_context(engine, request))
 
         return _run_requests(workload, methods, engine, max_new_tokens, prepare)
     with contextlib.ExitStack() as stack:
@@ -189,7 +192,8 @@ def _run_requests(workload: Workload, methods: Sequence[Method], engine: Engine,
         request_ids.append(request.request_id)
         prompt_ids.append(list(prepared.prompt_ids))
         for method in methods:
-            out = method.run(prepared.messages, prepared.prompt_ids, max_new_tokens, prepared.rag)
+            longdoc = {"longdoc": prepared.longdoc} if prepared.longdoc and getattr(method, "reads_longdoc", False) else {}
+            out = method.run(prepared.messages, prepared.prompt_ids, max_new_tokens, prepared.rag, **longdoc)
             outputs[method.name].append(out)
             log.info("%s [%d/%d] %-16s %4d prompt + %3d new tokens in %6.2fs (%6.1f tok/s)",
                      workload.name, number, total, method.name, prompt_tokens, len(out.token_ids),
@@ -200,6 +204,15 @@ def _run_requests(workload: Workload, methods: Sequence[Method], engine: Engine,
     if REFERENCE_METHOD in outputs:  # computed once here, not each time a (partial) report is built
         extra["copy_bound"] = copy_bounds(prompt_ids, [out.token_ids for out in outputs[REFERENCE_METHOD]])
     return WorkloadRun(workload.name, max_new_tokens, request_ids, outputs, extra=extra, prompt_ids=prompt_ids)
+
+
+def longdoc_context(engine: Engine, request: Request) -> LongDocContext | None:
+    """A long-document request's chunks (chunked and embedded untimed, as an index is built)."""
+    if request.document is None or request.question is None:
+        return None
+    from ragspec.longdoc import DocumentChunks
+
+    return LongDocContext(DocumentChunks.of(request.document, engine.tokenizer), request.question)
 
 
 def prepare_messages(engine: Engine, request: Request, max_new_tokens: int) -> list[dict]:

@@ -4,7 +4,10 @@ Names:
   spec_bench:<category>   Spec-Bench question.jsonl, first turn of each question in the category
   mt_redundant            MT-Redundant: turn 1 is answered (untimed), turn 2 is measured
   longdoc:<set>           L-Eval long-document QA (quality, scientific_qa, financial_qa, ...):
-                          one document (truncated by tokens) + its first question
+                          one document (truncated by tokens) + its first question; the request
+                          keeps both, so the `ragspec` method's RAPID drafter can read the chunks of
+                          the document retrieved for the question (`--min-document-tokens` keeps
+                          only documents at least that long after the cut)
   jsonl:<path>            any JSONL with `turns` (first turn), `input` + `instructions`, or `prompt`
   rag:spec_bench          Spec-Bench `rag`: the five passages of every selected question form one
                           index; each request asks only the question, with the top-k chunks retrieved
@@ -53,6 +56,8 @@ class Request:
 
     request_id: str
     user_turns: tuple[str, ...]
+    document: str | None = None  # a long-document request's document (as cut) ...
+    question: str | None = None  # ... and its question (the RAPID drafter retrieves chunks for it)
 
     def __post_init__(self) -> None:
         if not self.user_turns or not all(isinstance(t, str) and t for t in self.user_turns):
@@ -82,6 +87,14 @@ class DocumentBudget:
     max_document_tokens: int = 5500
     max_prompt_tokens: int | None = None  # context length minus max_new_tokens; None: no cap
     truncate: Truncate | None = None  # None: cut at CHARS_PER_TOKEN characters per token
+    min_document_tokens: int = 0  # documents shorter than this after the cut are left out
+    count_tokens: Callable[[str], int] | None = None  # None: len(text) / CHARS_PER_TOKEN
+
+    def too_short(self, document: str) -> bool:
+        if self.min_document_tokens <= 0:
+            return False
+        tokens = self.count_tokens(document) if self.count_tokens else len(document) // CHARS_PER_TOKEN
+        return tokens < self.min_document_tokens
 
     def cut(self, text: str, question_tokens: int = 0) -> str:
         limit = self.max_document_tokens
@@ -120,9 +133,9 @@ def load_workload(
         requests = (_turns_request(row, i, first_only=False) for i, row in rows)
     elif kind == "longdoc" and arg:
         rows = enumerate(read_jsonl(data / "longdoc" / f"{arg}.jsonl"))
-        requests = (_leval_request(row, i, budget) for i, row in rows)
+        requests = _long_enough((_leval_request(row, i, budget) for i, row in rows), budget)
     elif kind == "jsonl" and arg:
-        requests = (_generic_request(row, i, budget) for i, row in enumerate(read_jsonl(Path(arg))))
+        requests = _long_enough((_generic_request(row, i, budget) for i, row in enumerate(read_jsonl(Path(arg)))), budget)
     else:
         raise ConfigError(
             f"unknown workload {name!r}: use spec_bench:<category>, mt_redundant, "
@@ -187,6 +200,11 @@ def read_jsonl(path: Path) -> Iterator[dict]:
             yield row
 
 
+def _long_enough(requests: Iterator[Request], budget: DocumentBudget) -> Iterator[Request]:
+    """The requests whose document (if they have one) is at least budget.min_document_tokens long."""
+    return (r for r in requests if r.document is None or not budget.too_short(r.document))
+
+
 def _take(requests: Iterator[Request], limit: int | None) -> Iterator[Request]:
     for count, request in enumerate(requests):
         if limit is not None and count >= limit:
@@ -223,7 +241,8 @@ def _leval_fields(row: dict, index: int) -> tuple[str, str]:
 def _leval_request(row: dict, index: int, budget: DocumentBudget) -> Request:
     document, question = _leval_fields(row, index)
     extra = len(question) // 2  # generous token estimate for the question
-    return Request(request_id=str(index), user_turns=(longdoc_prompt(budget.cut(document, extra), question),))
+    document = budget.cut(document, extra)
+    return Request(str(index), (longdoc_prompt(document, question),), document=document, question=question)
 
 
 def longdoc_prompt(document: str, question: str) -> str:
