@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
-    proposer = RagspecProposer(settings=ProposerSettings(), num_speculative_tokens=args.k)
+    proposer = RagspecProposer(settings=ProposerSettings(adaptive=False), num_speculative_tokens=args.k)
     sim = BatchSim(proposer, args.k, max_num_reqs=args.batch, max_model_len=args.prompt_tokens + args.answer_tokens + 64)
     requests = [make_request(rng, args.prompt_tokens, args.answer_tokens, args.vocab) for _ in range(args.batch)]
     for request in requests:

@@ -24,7 +24,8 @@ VOCAB = 5000
 
 
 def proposer(k: int = 4, **settings) -> RagspecProposer:
-    return RagspecProposer(settings=ProposerSettings(**settings), num_speculative_tokens=k)
+    """Fixed min_score (BatchSim's steps take microseconds: there is no engine step to time)."""
+    return RagspecProposer(settings=ProposerSettings(**{"adaptive": False, **settings}), num_speculative_tokens=k)
 
 
 def copying_request(seed: int, phrase_len: int = 12, repeats: int = 6) -> SimRequest:
@@ -258,3 +259,24 @@ def test_index_datastore_drafts_through_the_proposer(tmp_path, tokenizer):
     sim.add(request)
     sim.run()
     assert request.mean_acceptance_length > 3.0, request.mean_acceptance_length
+
+
+def test_step_cost_sets_the_score_a_draft_token_needs():
+    """Steps cost 10 ms + 1 ms per verified token and commit 20 tokens: a draft token pays for
+    itself above P(accepted) = 1 ms * 20 / (10 ms + 1 ms * tokens) ~ 0.67 at 20 tokens."""
+    from ragspec.vllm.step_cost import StepCost
+
+    cost = StepCost()
+    assert cost.min_score(0.15) == 0.15  # nothing measured yet
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        tokens = int(rng.integers(16, 48))
+        seconds = 0.010 + 0.001 * tokens
+        cost.observe(tokens, 20, seconds)
+    assert cost.per_token_s == pytest.approx(0.001, rel=0.05)
+    expected = 0.001 * cost.committed_per_s
+    assert cost.min_score(0.15) == pytest.approx(expected) and 0.4 < expected < 0.9
+    flat = StepCost()
+    for _ in range(200):
+        flat.observe(int(rng.integers(16, 48)), 20, 0.030)  # verify rows cost nothing extra
+    assert flat.min_score(0.15) == pytest.approx(0.0, abs=1e-6)

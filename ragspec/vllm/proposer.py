@@ -43,6 +43,7 @@ from ragspec.drafting.tree import fuse
 from ragspec.engine.budget import LatencyCurve, NodeBudget
 from ragspec.errors import ConfigError
 from ragspec.types import ROOT, AcceptResult, DraftTree, StepResult, TokenBuffer
+from ragspec.vllm.step_cost import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ class ProposerSettings:
     past_max_tokens: int = 200_000  # tokens of earlier answers held in memory
     max_match: int = 32  # longest suffix match measured (SpecConfig.max_match)
     max_occurrences: int = 8  # earlier occurrences turned into branches (SpecConfig.max_occurrences)
-    min_score: float = 0.15  # a chain stops at the first node whose calibrated P(accepted) is lower
+    min_score: float = 0.15  # a chain stops at the first node whose calibrated P(accepted) is lower ...
+    adaptive: bool = True  # ... until the step cost is learned from vLLM's step times (step_cost.py)
     resume_pool: int = 256  # departed requests kept (tokens only) for a resume after preemption
 
     def __post_init__(self) -> None:
@@ -165,6 +167,9 @@ class RagspecProposer:
         self._active: dict[RowKey, list[RequestState]] = {}  # key after the last step -> its requests
         self._departed: OrderedDict[RowKey, list[RequestState]] = OrderedDict()  # waiting for a resume
         self.times = StepTimes()
+        self.cost = StepCost()
+        self._last_end: float | None = None  # when the last propose() returned
+        self._last_verified = 0  # tokens the step after it verifies: each decoding row's pending token + drafts
         self.counts = {"new": 0, "continued": 0, "resumed": 0, "departed": 0, "answers": 0}
 
     # ------------------------------------------------------------------ vLLM interface
@@ -181,14 +186,27 @@ class RagspecProposer:
         tokens = np.asarray(token_ids_cpu)
         lengths = np.asarray(num_tokens_no_spec).reshape(-1)
         previous, self._active = self._active, {}
+        new_before = self.counts["new"] + self.counts["resumed"]
         rows = [self._match_row(previous, tokens[i], int(lengths[i]), sampled)
                 for i, sampled in enumerate(sampled_token_ids)]
+        self._observe_step(start, rows, sampled_token_ids, new_before)
         self._depart(previous)  # first: a finished answer can draft for a request arriving now
-        drafts = [[] if state is None or not sampled else self._draft(state)
+        threshold = self.cost.min_score(self.settings.min_score) if self.settings.adaptive else self.settings.min_score
+        drafts = [[] if state is None or not sampled else self._draft(state, threshold)
                   for state, sampled in zip(rows, sampled_token_ids)]
-        self.times.seconds.append(time.perf_counter() - start)
+        self._last_verified = sum(1 + len(d) for d, sampled in zip(drafts, sampled_token_ids) if sampled)
+        self._last_end = time.perf_counter()
+        self.times.seconds.append(self._last_end - start)
         self.times.cpu_seconds.append(time.thread_time() - start_cpu)
         return drafts
+
+    def _observe_step(self, now: float, rows: list, sampled_token_ids: list[list[int]], new_before: int) -> None:
+        """Time the engine step that just ran, when it was decoding only (no prefill in it: no new
+        or resumed request, no row without sampled tokens), against the tokens it verified."""
+        pure = self.counts["new"] + self.counts["resumed"] == new_before and all(
+            sampled or state is None for state, sampled in zip(rows, sampled_token_ids))
+        if self._last_end is not None and pure:
+            self.cost.observe(self._last_verified, sum(len(s) for s in sampled_token_ids), now - self._last_end)
 
     # ------------------------------------------------------------------ one row
 
@@ -241,7 +259,7 @@ class RagspecProposer:
             drafters.append(DatastoreDrafter(self.index.datastore, None, self.spec, self._estimates["datastore"]))
         return drafters
 
-    def _draft(self, state: RequestState) -> list[int]:
+    def _draft(self, state: RequestState, min_score: float) -> list[int]:
         context = DraftContext(tokens=state.tokens.view(), max_nodes=self.spec.max_nodes)
         drafter_trees, trees = [], []
         for drafter in self._drafters_of(state):
@@ -253,7 +271,7 @@ class RagspecProposer:
         if not trees:
             return []
         tree = trees[0] if len(trees) == 1 else fuse(trees)
-        chain = best_chain(tree, self.budget.calibrated_scores(tree), self.k, self.settings.min_score)
+        chain = best_chain(tree, self.budget.calibrated_scores(tree), self.k, min_score)
         if not chain.num_nodes:
             return []
         state.proposal = Proposal(chain, drafter_trees)
