@@ -173,8 +173,9 @@ def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype,
     questions reuse the document's KV cache). With --doc and no QUESTIONS, questions are read from
     stdin, one a line.
 
-    Examples: ragspec ask --index austen "Who does Elizabeth marry?" --stats --show-sources
-              ragspec ask --doc report.pdf "What was the revenue?" "And the costs?" --stats
+    Example: ragspec ask --index austen "Who does Elizabeth marry?" --stats --show-sources
+
+    Example: ragspec ask --doc report.pdf "What was the revenue?" "And the costs?" --stats
     """
     from ragspec.config import SpecConfig
 
