@@ -5,7 +5,7 @@ own neighbourhood), long documents from L-Eval and a Gutenberg book; the bulk (w
 retrieval expensive) is the Python standard library's sources, then installed packages' sources,
 until the corpus holds `target_chunks` chunks. Built with `nice -n 19` in the background:
 
-    nice -n 19 python -m ragspec.iterative.corpus --chunks 240000 [--encoder minilm]
+    nice -n 19 python -m ragspec.iterative.corpus --chunks 500000 [--encoder minilm]
 
 Encoders: `minilm` is the embedded all-MiniLM-L6-v2 (~9 chunks/s on this 2-core machine while
 it is shared, so ~7 h for 240k chunks); `minilm-static` (the default) is the same model's
@@ -71,10 +71,14 @@ def python_sources(roots: list[Path]) -> Iterator[tuple[str, str]]:
 
 
 def default_roots() -> list[Path]:
-    """The standard library first, then the installed packages of this environment."""
+    """This interpreter's standard library, the environment's installed packages, then the
+    standard libraries of the other Python versions installed beside it (pyenv), newest first."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     purelib = Path(sysconfig.get_paths()["purelib"])
-    return [stdlib, purelib] if purelib.is_relative_to(stdlib) is False else [stdlib]
+    roots = [stdlib] + ([purelib] if not purelib.is_relative_to(stdlib) else [])
+    versions = stdlib.parent.parent.parent  # .../versions/3.11.7/lib/python3.11 -> .../versions
+    others = sorted(versions.glob("*/lib/python3.*"), key=lambda p: int(p.name.split(".")[1]), reverse=True)
+    return roots + [p for p in others if p.is_dir() and p.resolve() != stdlib.resolve()]
 
 
 def collect_texts(data_dir: Path, target_chunks: int, roots: list[Path] | None = None) -> list[tuple[str, str]]:
@@ -84,8 +88,8 @@ def collect_texts(data_dir: Path, target_chunks: int, roots: list[Path] | None =
     seen: set[str] = set()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for source, text in [*shared_passages(data_dir), *python_sources(roots or default_roots())]:
-        if "site-packages" in source and str(stdlib) in source:
-            continue  # the stdlib walk must not descend into site-packages (read as its own root)
+        if "site-packages" in source and "/.venv" not in source:
+            continue  # a standard library's own site-packages (the environment's is its own root)
         if text in seen:
             continue
         seen.add(text)
@@ -147,7 +151,7 @@ def open_corpus(encoder: str = "minilm-static"):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the cached iterative-RAG corpus index.")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--chunks", type=int, default=240_000, help="about this many chunks (>= 200k)")
+    parser.add_argument("--chunks", type=int, default=500_000, help="about this many chunks (>= 200k)")
     parser.add_argument("--encoder", choices=ENCODERS, default="minilm-static")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
