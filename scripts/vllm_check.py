@@ -82,12 +82,16 @@ def outer(args: argparse.Namespace) -> None:
     work = ROOT / "bench-results" / "vllm-check"
     work.mkdir(parents=True, exist_ok=True)
     results = {}
+    reuse = set(args.reuse.split(",")) if args.reuse else set()
     for method in methods:  # "none" first: its turn-1 answers are MT-Redundant's history
         out = work / f"{method}.json"
+        if method in reuse and out.is_file():  # an earlier run's results (same settings)
+            results[method] = json.loads(out.read_text())
+            continue
         command = [str(VENV_PY), __file__, "--inner", method, "--model", str(model), "--out", str(out),
                    "--data-dir", str(args.data_dir), "--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens),
                    "--prompts-b1", str(args.prompts_b1), "--prompts-b16", str(args.prompts_b16),
-                   "--history", str(work / "none.json")]
+                   "--history", str(work / "none.json"), "--ragspec-settings", args.ragspec_settings]
         print(f"[vllm-check] {method} ...", flush=True)
         start = time.perf_counter()
         # one process (the engine core in-process): the proposer runs where this script can see it
@@ -126,6 +130,7 @@ def summarise(results: dict, info: dict, args: argparse.Namespace, model: Path) 
                 "speedup_vs_none": None if base is None else (generated / run["seconds"]) / (base["generated_tokens"] / base["seconds"]),
             })
     return {"setup": {**info, "model": str(model), "k": args.k, "max_new_tokens": args.max_new_tokens,
+                      "ragspec_settings": json.loads(args.ragspec_settings), "reused": args.reuse,
                       "prompts_batch1": args.prompts_b1, "prompts_batch16": args.prompts_b16,
                       "methods": list(results), "errors": {m: r["error"] for m, r in results.items() if "error" in r},
                       "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
@@ -139,6 +144,8 @@ def markdown(report: dict) -> str:
         "",
         f"Greedy, k = {setup['k']} draft tokens, {setup['max_new_tokens']} new tokens; batch 1: "
         f"{setup['prompts_batch1']} prompts one at a time, batch 16: {setup['prompts_batch16']} prompts at once. "
+        f"RagspecProposer settings: `{json.dumps(setup['ragspec_settings'])}`"
+        f"{'; results of ' + setup['reused'] + ' from an earlier run' if setup['reused'] else ''}. "
         f"Mean acceptance length = generated tokens per target forward. {setup['cpu_count']} CPUs, load average "
         f"{', '.join(f'{x:.1f}' for x in setup['load_average'])} at the end (timings are distorted under load). "
         f"`suffix`: {'run' if setup.get('suffix') else 'not installable here: ' + (setup.get('suffix_error') or '?')[-200:]}.",
@@ -210,7 +217,7 @@ def inner(args: argparse.Namespace) -> None:
         speculative = {"method": "suffix", "num_speculative_tokens": args.k}
     elif method == "ragspec":
         speculative = {"method": "custom_class", "model": "ragspec.vllm.RagspecProposer", "num_speculative_tokens": args.k}
-        extra = {"ragspec": {"drafters": ["context", "past"]}}
+        extra = {"ragspec": json.loads(args.ragspec_settings)}
     llm = LLM(model=args.model, dtype="float32", enforce_eager=True, max_model_len=4096, max_num_seqs=16, seed=0,
               speculative_config=speculative, additional_config=extra or {}, disable_log_stats=False)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
@@ -242,6 +249,15 @@ def inner(args: argparse.Namespace) -> None:
             print(f"[{method}] {name} batch {batch}: {runs[f'{name}:{batch}']['generated_tokens']} tokens "
                   f"in {seconds:.1f} s", flush=True)
     Path(args.out).write_text(json.dumps({"method": method, "runs": runs, "history": history}))
+    if method == "ragspec":  # the proposer lives in this process (no engine-core subprocess)
+        import gc
+
+        from ragspec.vllm import RagspecProposer
+
+        for found in (o for o in gc.get_objects() if isinstance(o, RagspecProposer)):
+            print(f"[ragspec] proposer: {found.counts}, propose p50 {found.times.p50_ms():.2f} ms over "
+                  f"{len(found.times.seconds)} calls, per-token cost {found.cost.per_token_s}, "
+                  f"threshold now {found.cost.min_score(found.settings.min_score):.3f}", flush=True)
 
 
 def main() -> None:
@@ -257,6 +273,9 @@ def main() -> None:
     parser.add_argument("--prompts-b1", type=int, default=4)
     parser.add_argument("--prompts-b16", type=int, default=16)
     parser.add_argument("--nice", type=int, default=0, help="niceness of the vLLM runs (19 on a shared machine)")
+    parser.add_argument("--ragspec-settings", default='{"drafters": ["context", "past"]}',
+                        help="additional_config['ragspec'] for RagspecProposer (JSON)")
+    parser.add_argument("--reuse", default="", help="methods whose results from an earlier run are kept, e.g. none,ngram")
     args = parser.parse_args()
     if args.inner:
         inner(args)
