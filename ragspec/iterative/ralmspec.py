@@ -35,6 +35,11 @@ class RalmSpecConfig:
     bounds: StrideBounds = StrideBounds()
     adaptive: bool = True  # OS3; False: always bounds.initial strides per verification
     asynchronous: bool = True  # verify on a background thread while speculating on
+    # OS3's cost model: may a background verification count as free while its guesses hold (the
+    # paper's asynchronous formula)? None: only when the model runs on an accelerator. On a CPU the
+    # retrieval and the model share the cores and the memory bus (both stream hundreds of MB per
+    # call), so the verification costs what it costs and OS3 uses the synchronous formula
+    verification_hidden: bool | None = None
 
     def __post_init__(self) -> None:
         if self.prefetch < 1:
@@ -87,7 +92,10 @@ class _Speculation:
         self.runner, self.question, self.config, self.cache, self.pool = runner, question, config, cache, pool
         self.layout = prompt_layout(runner.tokenizer, question, runner.config.template)
         self.result = IterativeResult([], "", [])
-        self.scheduler = StrideScheduler(config.bounds, config.adaptive, pool is not None)
+        hidden = config.verification_hidden
+        if hidden is None:
+            hidden = str(getattr(runner.engine.target, "device", "cpu")).split(":")[0] != "cpu"
+        self.scheduler = StrideScheduler(config.bounds, config.adaptive, pool is not None and hidden)
         self.generated: list[int] = []
         self.done = False
         self.segment: Segment | None = None
