@@ -164,7 +164,7 @@ def test_acceptance_calibrates_the_source():
     phrase = rng.integers(10, VOCAB, 8).tolist()
     prompt = phrase * 4  # the context drafter is sure the phrase goes on ...
     oracle = [t for _ in range(12) for t in phrase[:2] + rng.integers(10, VOCAB, 4).tolist()]  # ... it never does
-    p = proposer(drafters=("context",))
+    p = proposer(drafters=("context",), min_score=0.15)
     sim = BatchSim(p, k=4, max_num_reqs=1, max_model_len=256)
     request = SimRequest(prompt, oracle)
     sim.add(request)

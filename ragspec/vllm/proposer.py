@@ -61,7 +61,7 @@ class ProposerSettings:
     past_max_tokens: int = 200_000  # tokens of earlier answers held in memory
     max_match: int = 32  # longest suffix match measured (SpecConfig.max_match)
     max_occurrences: int = 8  # earlier occurrences turned into branches (SpecConfig.max_occurrences)
-    min_score: float = 0.15  # a chain stops at the first node whose calibrated P(accepted) is lower ...
+    min_score: float = 0.05  # a chain stops at the first node whose calibrated P(accepted) is lower ...
     adaptive: bool = True  # ... until the step cost is learned from vLLM's step times (step_cost.py)
     resume_pool: int = 256  # departed requests kept (tokens only) for a resume after preemption
 
