@@ -249,15 +249,6 @@ def inner(args: argparse.Namespace) -> None:
             print(f"[{method}] {name} batch {batch}: {runs[f'{name}:{batch}']['generated_tokens']} tokens "
                   f"in {seconds:.1f} s", flush=True)
     Path(args.out).write_text(json.dumps({"method": method, "runs": runs, "history": history}))
-    if method == "ragspec":  # the proposer lives in this process (no engine-core subprocess)
-        import gc
-
-        from ragspec.vllm import RagspecProposer
-
-        for found in (o for o in gc.get_objects() if isinstance(o, RagspecProposer)):
-            print(f"[ragspec] proposer: {found.counts}, propose p50 {found.times.p50_ms():.2f} ms over "
-                  f"{len(found.times.seconds)} calls, per-token cost {found.cost.per_token_s}, "
-                  f"threshold now {found.cost.min_score(found.settings.min_score):.3f}", flush=True)
 
 
 def main() -> None:
