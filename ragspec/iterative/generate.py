@@ -9,8 +9,10 @@ tokens) is embedded and the top-1 passage retrieved; the prompt is
     generated tokens so far
 
 and generation continues from there. The passage sits at the start (In-Context RALM), so a new
-passage invalidates everything after the head: the head's KV is computed once and copied, and a
-passage change re-prefills passage + tail + generated tokens in one forward. While the passage
+passage invalidates everything after the head. The head's KV is computed once and copied; the
+KV of head + passage + tail is computed once per (passage, question) and copied (a passage met
+again, as iterative retrieval often swings back, costs no prefill of its own); a passage change
+then re-prefills only the generated tokens, in one forward. While the passage
 stays the same the same KV cache just keeps decoding (nothing is re-prefilled), and tokens a
 speculative step commits past a stride boundary are kept for the next stride when the passage
 stays. Both methods build prompts and segments through `StrideRunner`, so the same inputs take
@@ -20,6 +22,7 @@ the same computation in both.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ragspec.config import SamplingConfig
@@ -30,6 +33,7 @@ from ragspec.iterative.retriever import RetrievalClock, Retriever
 from ragspec.types import SpecStats
 
 _PASSAGE_MARK = "\u0000PASSAGE\u0000"
+PASSAGE_PREFIXES = 64  # KV copies of head + passage + tail kept (least recently used dropped)
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ class StrideRunner:
         self.retriever = retriever
         self.config = config
         self._head_prefix = None  # KVPrefix of the head, copied into every segment
+        self._passage_prefixes: OrderedDict[tuple, object] = OrderedDict()  # (passage, tail) -> KVPrefix
         self._passage_ids: dict[int, list[int]] = {}
 
     @property
@@ -157,13 +162,14 @@ class StrideRunner:
         return self._passage_ids[chunk_id]
 
     def segment(self, layout: PromptLayout, passage: int, generated: list[int], result: IterativeResult) -> Segment:
-        """A decode loop over head + passage + tail + generated: the head's KV is copied in, the rest
-        prefilled on the segment's first step."""
+        """A decode loop over head + passage + tail + generated: the KV of head + passage + tail is
+        copied in (computed once per passage and question), the generated tokens are prefilled on
+        the segment's first step."""
         prompt_ids = layout.prompt(self.passage_ids(passage), generated)
         limit = self.engine.target.context_length
         if len(prompt_ids) >= limit:
             raise PromptTooLong(f"iterative RAG prompt of {len(prompt_ids)} tokens does not fit in {limit}")
-        verifier = self._new_verifier(self._head(layout.head))
+        verifier = self._new_verifier(self._passage_prefix(layout, passage))
         use_spec = self.config.token_speculation and self.engine.spec.enabled
         drafters = self._drafters(prompt_ids) if use_spec else []
         steps = decode_steps(verifier, prompt_ids, drafters=drafters, budget=self.engine.budget() if drafters else None,
@@ -183,6 +189,22 @@ class StrideRunner:
         """Tokens up to the next stride boundary (or the token limit)."""
         to_boundary = self.config.stride - len(generated) % self.config.stride
         return min(to_boundary, self.config.max_new_tokens - len(generated))
+
+    def _passage_prefix(self, layout: PromptLayout, passage: int):
+        """A copy of the KV of head + passage + tail. Always computed the same way (the head's
+        copied KV, then passage + tail in one forward), so a cached copy holds exactly the values
+        a recomputation would: which passages a method visited before cannot change its numbers."""
+        key = (passage, tuple(layout.tail))
+        if key not in self._passage_prefixes:
+            rows = layout.prompt(self.passage_ids(passage), [])
+            verifier = self._new_verifier(self._head(layout.head))
+            verifier.prefill([*rows, rows[-1]])  # every token but the last is fed: exactly `rows`
+            self._passage_prefixes[key] = verifier.export_prefix()
+            while len(self._passage_prefixes) > PASSAGE_PREFIXES:
+                self._passage_prefixes.popitem(last=False)
+        self._passage_prefixes.move_to_end(key)
+        prefix = self._passage_prefixes[key]
+        return prefix.head(len(prefix.token_ids))
 
     def _head(self, head: list[int]):
         if self._head_prefix is None or self._head_prefix.token_ids != head:
