@@ -8,9 +8,11 @@ import json
 
 from conftest import FLAT_CURVE, book_paragraphs, tiny_loaded
 from ragspec import Engine
+from ragspec.bench.cli import _experiment_summary
 from ragspec.bench.experiments import run_experiment
 from ragspec.bench.longdoc_sessions import SESSION_METHODS, leval_documents, session_lines
 from ragspec.bench.options import BenchOptions
+from ragspec.bench.report import experiment_lines
 
 
 def test_every_question_of_a_document_in_one_session(tokenizer, tmp_path):
@@ -43,8 +45,10 @@ def test_every_question_of_a_document_in_one_session(tokenizer, tmp_path):
     summary = run["summary"]
     assert set(summary) == set(SESSION_METHODS)
     assert summary["ragspec"]["later_cached_share_min"] > 0.8
-    lines = "\n".join(session_lines(result))
+    lines = "\n".join(experiment_lines({"longdoc_sessions": result}))  # report.md
     assert "long-document sessions" in lines and "| ragspec |" in lines and "| ragspec-ar |" in lines
+    summary_lines = _experiment_summary({"longdoc_sessions": result})  # `ragspec bench` output
+    assert len(summary_lines) == 2 and all("first-question TTFT" in line for line in summary_lines)
 
 
 def test_no_long_document_workload_no_sessions(tokenizer):
