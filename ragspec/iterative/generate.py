@@ -150,6 +150,11 @@ class StrideRunner:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def start_request(self) -> None:
+        """Forget the passage KV of the previous request (kept per request: the same question
+        asked again, e.g. by the other method, starts as cold as the first time)."""
+        self._passage_prefixes.clear()
+
     def query(self, question: str, generated: list[int]) -> str:
         recent = generated[-self.config.query_tokens:] if self.config.query_tokens else []
         tail = self.tokenizer.decode(recent, skip_special_tokens=True) if recent else ""
@@ -249,6 +254,7 @@ def retrieve_top1(runner: StrideRunner, question: str, generated: list[int], clo
 def generate_naive(runner: StrideRunner, question: str) -> IterativeResult:
     """Retrieve before every stride, re-prefill when the passage changes, decode `stride` tokens."""
     start = time.perf_counter()
+    runner.start_request()
     layout = prompt_layout(runner.tokenizer, question, runner.config.template)
     result = IterativeResult([], "", [])
     generated, done, segment = [], False, None

@@ -105,6 +105,7 @@ class _Speculation:
 
     def run(self) -> IterativeResult:
         start = time.perf_counter()
+        self.runner.start_request()
         first = self.runner.retriever.embed(self.runner.query(self.question, []), self.result.clock)
         self._prefetch(first)
         vector = first
