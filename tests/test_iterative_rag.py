@@ -7,13 +7,17 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import FLAT_CURVE, book_paragraphs, spec_bench_questions
+
 from ragspec import Engine
 from ragspec.errors import ConfigError
 from ragspec.index import build_index_from_texts
 from ragspec.iterative.generate import IterativeConfig, StrideRunner, generate_naive
-from ragspec.iterative.ralmspec import RalmSpecConfig, SpeculationCache, generate_ralmspec
+from ragspec.iterative.ralmspec import (
+    RalmSpecConfig,
+    SpeculationCache,
+    generate_ralmspec,
+)
 from ragspec.iterative.retriever import ExactFlat, Retriever, retriever_for_index
 from ragspec.iterative.scheduler import StrideBounds, StrideScheduler, optimal_strides
 

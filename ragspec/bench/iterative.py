@@ -23,7 +23,12 @@ from pathlib import Path
 
 import click
 
-from ragspec.iterative.generate import IterativeConfig, IterativeResult, StrideRunner, generate_naive
+from ragspec.iterative.generate import (
+    IterativeConfig,
+    IterativeResult,
+    StrideRunner,
+    generate_naive,
+)
 from ragspec.iterative.ralmspec import RalmSpecConfig, generate_ralmspec
 from ragspec.iterative.retriever import RETRIEVERS
 from ragspec.iterative.scheduler import StrideBounds
@@ -59,7 +64,7 @@ class MethodRow:
     results: list[IterativeResult]
     identical: bool | None = None  # against ralm-naive; None for ralm-naive itself
 
-    def summary(self, naive: "MethodRow | None") -> dict:
+    def summary(self, naive: MethodRow | None) -> dict:
         wall = sum(r.wall_s for r in self.results)
         tokens = sum(len(r.token_ids) for r in self.results)
         retrieval = sum(r.retrieval_s for r in self.results)
@@ -126,8 +131,9 @@ def crossover(rows: list[dict]) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| chunks | method | tok/s | wall s | speedup | identical | calls | rollbacks | retrieval share | "
-             "search ms/call | spec. accuracy | strides/verify | overlap s |", "|" + "---|" * 13]
+    header = ("| chunks | method | tok/s | wall s | speedup | identical | calls | rollbacks | retrieval share | "
+              "search ms/call | spec. accuracy | strides/verify | overlap s |")
+    lines = [header, "|" + "---|" * 13]
     for row in report["rows"]:
         lines.append(
             f"| {row['corpus_chunks']} | {row['method']} | {row['tokens_per_s']} | {row['wall_s']} | "

@@ -86,7 +86,6 @@ def collect_texts(data_dir: Path, target_chunks: int, roots: list[Path] | None =
     budget_chars = target_chunks * CHUNK_TOKENS * CHARS_PER_TOKEN
     texts, total = [], 0
     seen: set[str] = set()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
     for source, text in [*shared_passages(data_dir), *python_sources(roots or default_roots())]:
         if "site-packages" in source and "/.venv" not in source:
             continue  # a standard library's own site-packages (the environment's is its own root)

@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ragspec.errors import ConfigError
-from ragspec.iterative.generate import IterativeResult, Segment, StrideRunner, finish, prompt_layout
+from ragspec.iterative.generate import (
+    IterativeResult,
+    Segment,
+    StrideRunner,
+    finish,
+    prompt_layout,
+)
 from ragspec.iterative.retriever import MAX_BATCH, Retriever
 from ragspec.iterative.scheduler import StrideBounds, StrideScheduler
 
@@ -32,7 +38,7 @@ from ragspec.iterative.scheduler import StrideBounds, StrideScheduler
 @dataclass(frozen=True)
 class RalmSpecConfig:
     prefetch: int = 20  # top chunks of the first query put in the speculation cache
-    bounds: StrideBounds = StrideBounds()
+    bounds: StrideBounds = field(default_factory=StrideBounds)
     adaptive: bool = True  # OS3; False: always bounds.initial strides per verification
     asynchronous: bool = True  # verify on a background thread while speculating on
     # OS3's cost model: may a background verification count as free while its guesses hold (the
