@@ -10,6 +10,8 @@ samples (then every method samples at the run's temperature, and outputs are not
   ragspec-self     ragspec with the layer-skipping self-drafter only
   ragspec-norapid  ragspec without the RAPID drafter (long documents: what RAPID adds to `ragspec`)
   ragspec-rapid    ragspec with the RAPID drafter only
+  ragspec-rapid-model  `ragspec` with RAPID drafting by the run's draft model (--draft-model) instead of
+                   the target itself
   hf-greedy        transformers `model.generate(do_sample=False)`
   hf-pld           transformers prompt lookup decoding (`prompt_lookup_num_tokens=10`)
   hf-assisted      transformers assisted generation with the run's draft model
@@ -283,6 +285,13 @@ def _build_method(name: str, engine: Engine, setup: MethodSetup) -> Method:
         return EngineMethod(name, fresh_engine(engine, dataclasses.replace(engine.spec, drafters=drafters)), True, sampling)
     if name == "ragspec-rapid":
         spec = dataclasses.replace(engine.spec, drafters=("rapid",))
+        return EngineMethod(name, fresh_engine(engine, spec), True, sampling, reads_longdoc=True)
+    if name == "ragspec-rapid-model":
+        from ragspec.drafting.rapid import RapidConfig
+
+        if setup.draft is None:
+            raise ConfigError(f"method {name} needs a draft model: pass --draft-model PATH (or auto)")
+        spec = SpecConfig(drafters=default_drafters(), options=(RapidConfig(model=setup.draft),))
         return EngineMethod(name, fresh_engine(engine, spec), True, sampling, reads_longdoc=True)
     if name == "ragspec-model":
         return EngineMethod(name, fresh_engine(engine, model_draft_spec(setup.draft, ())), True, sampling)
