@@ -44,8 +44,9 @@ class RapidConfig:
     train` made for this target) or a LoadedModel. `chunks`: how many retrieved chunks the draft
     prompt holds (read by whoever builds the draft prompt, e.g. `ragspec.longdoc`). `top_k`,
     `width`, `max_depth`, `cost_aware`: the tree, as ModelDraftConfig's.
-    `knowledge_transfer_eta`: LOSSY when > 0 (RAPID's knowledge transfer, shifting the target's
-    distribution toward the drafter's); 0 keeps the output exactly the target's."""
+    `knowledge_transfer_eta`: reserved for RAPID's knowledge transfer (LOSSY: the target's
+    distribution shifted toward the drafter's); not built yet, so only 0 (the target's exact
+    output) is accepted."""
 
     model: str | LoadedModel = field(default=TARGET_AS_DRAFTER, hash=False)
     chunks: int = RAPID_TOP_K
@@ -58,8 +59,9 @@ class RapidConfig:
     def __post_init__(self) -> None:
         if self.chunks < 1:
             raise ConfigError(f"RapidConfig.chunks must be >= 1, got {self.chunks}")
-        if not 0.0 <= self.knowledge_transfer_eta < 1.0:
-            raise ConfigError(f"RapidConfig.knowledge_transfer_eta must be in [0, 1), got {self.knowledge_transfer_eta}")
+        if self.knowledge_transfer_eta != 0.0:
+            raise ConfigError("RapidConfig.knowledge_transfer_eta (lossy knowledge transfer) is not built yet: "
+                              f"leave it at 0, got {self.knowledge_transfer_eta}")
         self.tree()  # checks top_k, width, max_depth
 
     def tree(self) -> ModelDraftConfig:
