@@ -42,6 +42,7 @@ class LoadedModel:
     source_identity: str | None = None  # load_model: files_identity() of the directory loaded from
 
     backend = "transformers"  # see ragspec.backends
+    max_tree_nodes = None  # no limit beyond SpecConfig.max_nodes
 
     def new_verifier(self, prefix=None):
         """A TreeVerifier for one request, starting from the KVPrefix `prefix` when it can."""

@@ -58,6 +58,7 @@ class TargetBackend(Protocol):
     backend: str  # "transformers" or "llamacpp"
     name: str
     tokenizer: object
+    max_tree_nodes: int | None  # most nodes a verify takes with exact logits (None: SpecConfig.max_nodes)
 
     @property
     def context_length(self) -> int: ...

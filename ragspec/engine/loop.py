@@ -26,10 +26,12 @@ def _timed_propose(drafter: Drafter, context: DraftContext, stats: SpecStats) ->
 
 
 def _draft(drafters, budget: NodeBudget | None, tokens: TokenBuffer, context_length: int, stats: SpecStats,
-           min_draft_prob: float):
+           min_draft_prob: float, max_tree_nodes: int | None = None):
     """The fused draft tree for this step, pruned to the budget, and the seconds it took."""
     start = time.perf_counter()
     room = context_length - len(tokens) - 1  # positions left for drafts, bonus token kept
+    if max_tree_nodes is not None:  # the backend verifies exactly only up to this many nodes
+        room = min(room, max_tree_nodes)
     if budget is not None:  # the step's verify cost (and a model drafter's token value) depend on it
         budget.cache_length = len(tokens)
     if not drafters or budget is None or room <= 0:
@@ -74,7 +76,8 @@ def decode_steps(
             tree, draft_s, verified, prefilled = DraftTree.empty(), 0.0, replace(prefilled, verify_s=0.0), None
         else:
             # 1-2. propose and fuse, pruned to the budget
-            tree, draft_s = _draft(drafters, budget, tokens, target.context_length, stats, min_draft_prob)
+            tree, draft_s = _draft(drafters, budget, tokens, target.context_length, stats, min_draft_prob,
+                                   target.max_tree_nodes)
             # 3. verify the pending token + tree in one forward
             verified = verifier.verify(pending_token, tree)
         # 4. accept
