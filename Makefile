@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= ../shared/data
 
-.PHONY: install demo test bench bench-full gpu-check vllm-check clean
+.PHONY: install demo test bench bench-full gpu-check llamacpp-check vllm-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ bench: $(STAMP)
 
 bench-full: $(STAMP)
 	$(VENV)/bin/ragspec bench --full --data-dir $(DATA_DIR) --json bench-results/report.json
+
+# The llama.cpp backend's tests (tests/test_llamacpp_backend.py): they need llama-cpp-python, a
+# C++ build of ~8 min on 2 cores, installed here on first use (the [llamacpp] extra).
+llamacpp-check: $(STAMP)
+	$(PY) -c "import llama_cpp" 2>/dev/null || $(PY) -m pip install -q -e '.[llamacpp]'
+	$(PY) -m pytest -q -ra -p no:xdist tests/test_llamacpp_backend.py
 
 gpu-check: $(STAMP)
 	$(PY) scripts/gpu_check.py

@@ -17,10 +17,20 @@ def _model_options(command):
         click.option("--model", "model", default=None, help="HF model dir or .gguf file (default: embedded SmolLM2-135M-Instruct)."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)."),
+        click.option("--backend", type=click.Choice(["transformers", "llamacpp"]), default="transformers",
+                     show_default=True, expose_value=False, callback=_remember_backend,
+                     help="What runs the target: transformers (torch), or llama.cpp on a .gguf file "
+                          "(pip install 'ragspec[llamacpp]')."),
     ]
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _remember_backend(ctx, param, value: str) -> str:
+    """--backend is read by _engine from the click context (the commands do not pass it on)."""
+    ctx.meta["ragspec.backend"] = value
+    return value
 
 
 def _check_temperature(ctx, param, value: float) -> float:
@@ -67,7 +77,9 @@ def _engine(model, dtype, device, draft_model=None, **engine_options):
         from ragspec.drafting.model import with_draft_model
 
         engine_options["spec"] = with_draft_model(engine_options.get("spec"), draft_model)
-    engine = Engine(model, dtype=None if dtype == "auto" else dtype, device=device, **engine_options)
+    context = click.get_current_context(silent=True)
+    backend = context.meta.get("ragspec.backend", "transformers") if context else "transformers"
+    engine = Engine(model, dtype=None if dtype == "auto" else dtype, device=device, backend=backend, **engine_options)
     if draft_model is not None:
         from ragspec.drafting.model import engine_draft_model
 

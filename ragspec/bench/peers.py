@@ -22,6 +22,9 @@ samples (then every method samples at the run's temperature, and outputs are not
                    models with, so ragspec-ar vs hf-greedy shows what those kernels and the loop are worth)
   llamacpp-greedy  llama.cpp on the GGUF file, only when `llama_cpp` is importable
                    (its quantised kernels differ numerically, so identical output is not expected)
+  ragspec-llamacpp-ar  ragspec's plain loop on the llama.cpp backend, same GGUF file (its overhead
+                   against llama.cpp's own loop); its outputs are compared with llamacpp-greedy's
+  ragspec-llamacpp ragspec with speculation on, trees verified by llama.cpp (ragspec.backends.llamacpp)
 
 The ragspec methods keep a prefix cache (see Engine): for a multi-turn prompt they start with the
 earlier turns cached, as a chat server does; the HF methods prefill the whole conversation, as
@@ -63,7 +66,8 @@ DEFAULT_METHODS = ("ragspec-ar", "ragspec", "hf-greedy", "hf-pld")
 MODEL_DRAFT_METHODS = ("ragspec-model", "ragspec-pruned", "hf-assisted")  # need a draft model
 ALL_METHODS = (*DEFAULT_METHODS, "ragspec-norapid", "ragspec-rapid", "ragspec-model", "ragspec-retrieval",
                "ragspec-pruned", "ragspec-self",
-               "hf-assisted", "hf-early-exit", "llamacpp-greedy")
+               "hf-assisted", "hf-early-exit", "llamacpp-greedy", "ragspec-llamacpp-ar", "ragspec-llamacpp")
+LLAMACPP_ENGINE_METHODS = ("ragspec-llamacpp-ar", "ragspec-llamacpp")  # the llama.cpp backend's engine
 PLD_NUM_TOKENS = 10
 RASD_MIN_PROB = 0.02  # ragspec-pruned's SpecConfig.min_draft_prob
 STOCK_ATTENTION = "sdpa"
@@ -313,6 +317,8 @@ def _build_method(name: str, engine: Engine, setup: MethodSetup) -> Method:
         return HFGenerateMethod(name, engine, sampling, {"assistant_early_exit": max(1, layers // 2)})
     if name == "llamacpp-greedy":
         return _llamacpp_method(engine, setup.model_path, engine.target.context_length)
+    if name in LLAMACPP_ENGINE_METHODS:
+        return EngineMethod(name, llamacpp_engine(engine, setup.model_path), name == "ragspec-llamacpp", sampling)
     raise ConfigError(f"unknown method {name!r}: use {', '.join(ALL_METHODS)}")
 
 
@@ -326,16 +332,38 @@ def model_draft_spec(draft: LoadedModel, retrieval_drafters: Sequence[str]) -> S
 def _llamacpp_method(engine: Engine, model_path: str | None, n_ctx: int) -> Method:
     if not llamacpp_available():
         raise ConfigError("method llamacpp-greedy needs llama-cpp-python: pip install llama-cpp-python")
-    if model_path is None or model_path == EMBEDDED_MODEL:
-        gguf = embedded_model_path()
-    elif str(model_path).endswith(".gguf"):
-        gguf = Path(model_path).expanduser()
-    else:
-        raise ConfigError("method llamacpp-greedy needs a .gguf model (or the embedded default)")
+    gguf = _gguf_file(model_path)
     from llama_cpp import Llama
 
-    llama = Llama(model_path=str(gguf), n_ctx=n_ctx, verbose=False)
+    # flash attention, as the llama.cpp backend runs (its default there): the same kernels, so the
+    # outputs are comparable token for token
+    llama = Llama(model_path=str(gguf), n_ctx=n_ctx, flash_attn=True, verbose=False)
     return LlamaCppMethod("llamacpp-greedy", llama, engine.target.eos_token_ids)
+
+
+def llamacpp_engine(engine: Engine, model_path: str | None) -> Engine:
+    """An Engine on the llama.cpp backend over the run's GGUF file (loaded once per run, shared by
+    ragspec-llamacpp-ar and ragspec-llamacpp), with the run's spec and its own latency curve,
+    profiled fresh like the torch one (llama.cpp's cost per row is its own)."""
+    def make() -> Engine:
+        if not llamacpp_available():
+            raise ConfigError("the ragspec-llamacpp methods need llama-cpp-python: pip install 'ragspec[llamacpp]'")
+        from ragspec.backends.llamacpp import load_llamacpp
+        from ragspec.engine.budget import measure_latency_curve
+
+        target = load_llamacpp(_gguf_file(model_path))
+        return Engine(target, spec=engine.spec, latency_curve=measure_latency_curve(target),
+                      index_home=engine.index_home, persist_state=False)
+
+    return engine.shared_state("bench:llamacpp-engine", make)
+
+
+def _gguf_file(model_path: str | None) -> Path:
+    if model_path is None or model_path == EMBEDDED_MODEL:
+        return embedded_model_path()
+    if str(model_path).endswith(".gguf"):
+        return Path(model_path).expanduser()
+    raise ConfigError("the llama.cpp methods need a .gguf model (or the embedded default)")
 
 
 def rapid_chunks(engine: Engine) -> int:

@@ -72,8 +72,9 @@ class RagRun:
         scope = self.setup.datastore_scope
         if self.engine.spec.datastore_scope == scope:
             return list(methods)
-        engine = fresh_engine(self.engine, dataclasses.replace(self.engine.spec, datastore_scope=scope))
-        return [EngineMethod(m.name, engine, True, m.sampling) if m.name == SPECULATIVE_METHOD else m for m in methods]
+        return [EngineMethod(m.name, fresh_engine(m.engine, dataclasses.replace(m.engine.spec, datastore_scope=scope)),
+                             True, m.sampling) if m.name in (SPECULATIVE_METHOD, "ragspec-llamacpp") else m
+                for m in methods]
 
     def summary(self, outputs: dict[str, list[MethodOutput]]) -> dict:
         """The workload entry's "index" and "drafting" sections."""

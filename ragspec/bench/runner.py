@@ -69,6 +69,7 @@ def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = N
     with tempfile.TemporaryDirectory(prefix="ragspec-bench-indexes-") as index_home:  # RAG indexes, one a workload
         for workload in workloads:
             run = run_workload(workload, methods, engine, options.max_new_tokens, index_home)
+            run = with_llamacpp_comparison(run, methods) if options.temperature == 0 else run
             runs.append(judge_divergences(run, judge) if judge else run)
             # partial report, so an interrupted run keeps its numbers
             write_report(build_report(meta, runs), Path(options.json_path), plots=False)
@@ -79,6 +80,17 @@ def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = N
     report = build_report(meta, runs, experiments)
     write_report(report, Path(options.json_path), plots=options.plots)
     return report
+
+
+def with_llamacpp_comparison(run: WorkloadRun, methods: Sequence[Method]) -> WorkloadRun:
+    """The run with its "llamacpp" entry (ragspec on llama.cpp vs llamacpp-greedy), when it has both."""
+    from ragspec.bench.llamacpp_check import ENGINE_METHODS, compare_with_llamacpp
+
+    engine_method = next((m for m in methods if m.name in ENGINE_METHODS), None)
+    if engine_method is None:
+        return run
+    entry = compare_with_llamacpp(run, engine_method.engine.target)
+    return dataclasses.replace(run, extra={**run.extra, "llamacpp": entry}) if entry else run
 
 
 def _as_engine(engine: Engine | LoadedModel | None, options: BenchOptions,
