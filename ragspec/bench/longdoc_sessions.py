@@ -181,7 +181,7 @@ def session_lines(experiment: dict) -> list[str]:
     lines = ["", "## Experiment: long-document sessions (every question of a document in one session)", ""]
     if not experiment["sets"]:
         return lines + ["No long-document workload (longdoc:<set>, jsonl:<path>) was selected."]
-    lines += ["| set | method | first TTFT s | later TTFT s (mean) | ratio min / geomean | decode tok/s | MAL | "
+    lines += ["| set | method | first TTFT s | later TTFT s (mean) | first / median later: worst doc / geomean | decode tok/s | MAL | "
              "later cached share | identical |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, run in experiment["sets"].items():
         for method, s in run["summary"].items():
