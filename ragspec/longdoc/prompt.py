@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ragspec.drafting.rapid import RAPID_TOP_K  # chunks the drafter reads (RapidConfig.chunks' default)
+from ragspec.drafting.rapid import RAPID_TOP_K as RAPID_TOP_K  # re-exported: chunks the drafter reads (RapidConfig.chunks' default)
 
 EXCERPT_SEPARATOR = "\n...\n"
 
