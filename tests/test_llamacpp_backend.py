@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import FLAT_CURVE, spec_bench_questions
-from ragspec import Engine
+from ragspec import Engine, GenerationRequest, SpecConfig
+from ragspec.errors import ConfigError
 from ragspec.types import ROOT, AcceptResult, DraftTree
 from test_lossless import MAX_NEW, OracleDrafter, lossless_prompts
 
@@ -230,3 +231,18 @@ def test_adversarial_trees_and_prefix_reuse_stay_lossless(llama_target):
     cold = plain_engine.generate(second, max_new_tokens=32, speculative=False)
     assert warm.stats.cached_prompt_tokens > len(chat.encode(first)) // 2
     assert warm.token_ids == cold.token_ids
+
+
+def test_drafters_that_run_torch_layers_say_so_or_stay_off(llama_target):
+    """The self drafter needs the target's torch layers: a clear error on llama.cpp. RAPID with the
+    target as its drafter (on by default) stays off there: a request with a draft prompt gets the
+    plain output instead of an AttributeError."""
+    selfish = Engine(llama_target, latency_curve=FLAT_CURVE, spec=SpecConfig(drafters=("context", "self")))
+    with pytest.raises(ConfigError, match="transformers backend"):
+        selfish.generate("Hello", max_new_tokens=2)
+    engine = Engine(llama_target, latency_curve=FLAT_CURVE, prefix_cache=False)
+    prompt = "Summarize: the cat sat on the mat because the mat was warm."
+    with_draft = engine.generate(GenerationRequest(prompt, max_new_tokens=12, draft_prompt="the mat was warm"))
+    plain = engine.generate(prompt, max_new_tokens=12, speculative=False)
+    assert with_draft.token_ids == plain.token_ids
+    assert "rapid" not in with_draft.stats.accepted_per_source

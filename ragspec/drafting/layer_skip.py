@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ragspec.drafting.base import DraftContext, warn_once, write_atomically
+from ragspec.errors import ConfigError
 from ragspec.types import ROOT, DraftTree, StepResult
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,6 @@ class SelfDraftConfig:
     draft: object | None = None  # ModelDraftConfig for the tree drafter
 
     def __post_init__(self) -> None:
-        from ragspec.errors import ConfigError
-
         if self.skipped is not None:
             object.__setattr__(self, "skipped", tuple(sorted({int(i) for i in self.skipped})))
         if not 0.0 <= self.min_skip_ratio <= self.max_skip_ratio < 1.0:
@@ -504,6 +503,9 @@ def build_self_drafter(request, config: SelfDraftConfig) -> SelfSpecDrafter | No
     )
 
     engine, target = request.engine, request.engine.target
+    if target.backend != "transformers":
+        raise ConfigError(f"the 'self' drafter runs the target's own torch layers: it needs the transformers "
+                          f"backend, not {target.backend}")
     key = f"self-draft:{(config.min_skip_ratio, config.max_skip_ratio, config.calibration_tokens, config.skipped)}"
     state = engine.shared_state(key, lambda: SelfDraftState(target, config, request.prompt_ids))
     if state.choice is not None and state.choice.speedup < config.min_predicted_speedup:
@@ -519,7 +521,7 @@ def build_self_drafter(request, config: SelfDraftConfig) -> SelfSpecDrafter | No
                      context_length=target.context_length)
         costs = engine.shared_state(f"self-draft-costs:{view.skipped_layers}", DraftCosts)
         return ModelTreeDrafter(lm, SelfSpecDrafter.name, config.draft or ModelDraftConfig(), engine.budget,
-                                sampling=request.sampling, vocab_size=int(target.model.config.vocab_size),
+                                sampling=request.sampling, vocab_size=target.vocab_size,
                                 costs=costs)
 
     return SelfSpecDrafter(state, config, make_inner, engine.persist_state)

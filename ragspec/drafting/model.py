@@ -565,5 +565,5 @@ def build_model_drafter(request: DraftRequest, config: ModelDraftConfig) -> Mode
     costs = engine.shared_state(f"model-draft-costs:{draft.name}-{draft.identity}", DraftCosts)
     return ModelTreeDrafter(
         DraftLM.of(draft), "model", config, engine.budget, sampling=request.sampling,
-        vocab_size=int(engine.target.model.config.vocab_size), costs=costs,
+        vocab_size=engine.target.vocab_size, costs=costs,
     )

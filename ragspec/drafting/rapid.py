@@ -19,6 +19,7 @@ more than its forward, a token being worth a plain target step at the current ca
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ from ragspec.types import DraftTree, StepResult
 
 if TYPE_CHECKING:
     from ragspec.drafting.registry import DraftRequest
+
+log = logging.getLogger(__name__)
 
 TARGET_AS_DRAFTER = "target"  # RapidConfig.model: the target's own weights read the short context
 RAPID_TOP_K = 4  # chunks in the draft prompt (4 x ~192 tokens: a ~1k-token draft context)
@@ -105,15 +108,30 @@ def rapid_draft_model(engine, model: str | LoadedModel) -> LoadedModel:
     return engine.target if model == TARGET_AS_DRAFTER else engine_draft_model(engine, model)
 
 
+_announced_backends: set[str] = set()
+
+
+def _announce_no_torch_target(backend: str) -> None:
+    """RAPID with the target as drafter runs the target's torch modules on the short context; on
+    another backend (llama.cpp) it stays off, said once per backend (a draft model still works)."""
+    if backend not in _announced_backends:
+        _announced_backends.add(backend)
+        log.warning("rapid: the target drafts for itself only on the transformers backend, not %s; RAPID stays "
+                    "off (RapidConfig(model=PATH or 'auto') drafts with a draft model instead)", backend)
+
+
 def build_rapid_drafter(request: DraftRequest, config: RapidConfig) -> RapidDrafter | None:
     """A fresh drafter (its own KV cache) per request that has a draft prompt; None otherwise."""
     if not request.draft_prompt_ids:
         return None
     engine = request.engine
+    if config.model == TARGET_AS_DRAFTER and engine.target.backend != "transformers":
+        _announce_no_torch_target(engine.target.backend)
+        return None
     draft = rapid_draft_model(engine, config.model)
     costs = engine.shared_state(f"rapid-draft-costs:{draft.name}-{draft.identity}", DraftCosts)
     inner = ModelTreeDrafter(
         DraftLM.of(draft), "rapid", config.tree(), engine.budget, sampling=request.sampling,
-        vocab_size=int(engine.target.model.config.vocab_size), costs=costs,
+        vocab_size=engine.target.vocab_size, costs=costs,
     )
     return RapidDrafter(inner, len(request.prompt_ids), list(request.draft_prompt_ids))
