@@ -170,7 +170,10 @@ def chat(system, model, dtype, device, draft_model, **options):
 @click.option("--doc", "docs", multiple=True, type=click.Path(path_type=Path),
               help="Answer from this whole document (txt, md, html, pdf; repeatable) instead of an index.")
 @click.option("-k", "k", default=None, type=click.IntRange(min=1),
-              help="Chunks retrieved into the prompt [default: 5]; with --doc, into the RAPID draft prompt [4].")
+              help="Chunks retrieved into the prompt [default: 5]; with --doc --rapid, into the RAPID draft prompt [4].")
+@click.option("--rapid", is_flag=True,
+              help="With --doc: also draft with RAPID (the model reading only the chunks closest to the question; "
+                   "not a default drafter).")
 @click.option("--scope", type=click.Choice(["retrieved", "index"]), default="retrieved", show_default=True,
               help="Datastore drafting over the retrieved chunks only, or the whole index.")
 @click.option("--show-sources", is_flag=True, help="List the retrieved chunks after the answer.")
@@ -179,10 +182,11 @@ def chat(system, model, dtype, device, draft_model, **options):
 @_draft_model_option
 @_generation_options
 @library_errors
-def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype, device, draft_model, **options):
+def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype, device, draft_model, rapid,
+        **options):
     """Answer QUESTIONS from an index (retrieve k chunks, draft from them) or from whole documents
-    (--doc: the model reads all of it, the RAPID drafter the chunks closest to the question; later
-    questions reuse the document's KV cache). With --doc and no QUESTIONS, questions are read from
+    (--doc: the model reads all of it, later questions reuse the document's KV cache; with --rapid the
+    RAPID drafter reads the chunks closest to the question). With --doc and no QUESTIONS, questions are read from
     stdin, one a line.
 
     Example: ragspec ask --index austen "Who does Elizabeth marry?" --stats --show-sources
@@ -198,8 +202,13 @@ def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype,
             raise click.UsageError("--show-sources lists an index's chunks: it does not apply to --doc")
         from ragspec.longdoc.cli import ask_documents
 
-        return ask_documents(lambda: _engine(model, dtype, device, draft_model), docs, questions, options, chunks=k,
-                             print_stats=_print_stats)
+        from ragspec.drafting.registry import default_drafters
+
+        spec = SpecConfig(drafters=(*default_drafters(), "rapid")) if rapid else None
+        return ask_documents(lambda: _engine(model, dtype, device, draft_model, spec=spec), docs, questions, options,
+                             chunks=k, print_stats=_print_stats)
+    if rapid:
+        raise click.UsageError("--rapid drafts from a document's chunks: it needs --doc")
     if not questions:
         raise click.UsageError("missing QUESTIONS")
     engine = _engine(model, dtype, device, draft_model, index_home=home, spec=SpecConfig(datastore_scope=scope))

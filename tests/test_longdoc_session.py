@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import FLAT_CURVE, book_paragraphs, tiny_loaded
-from ragspec import Engine
+from ragspec import Engine, SpecConfig
+from ragspec.drafting.registry import default_drafters
 from ragspec.errors import ConfigError, DocumentUnreadable, PromptTooLong
 from ragspec.longdoc import chunks as chunks_module
 from ragspec.longdoc.read import Document
@@ -29,7 +30,8 @@ def plain_answer(model, prompt: str, max_new_tokens: int) -> list[int]:
 def check_session(model, document: str, max_new_tokens: int) -> list:
     """Ask QUESTIONS in one session; each answer equals plain decoding, the first prefills the
     whole prompt and every later one finds the document part in the prefix cache."""
-    session = DocumentSession(Engine(model, latency_curve=FLAT_CURVE), document)
+    spec = SpecConfig(drafters=(*default_drafters(), "rapid"))  # every drafter a session can run
+    session = DocumentSession(Engine(model, spec=spec, latency_curve=FLAT_CURVE), document)
     answers = []
     for number, question in enumerate(QUESTIONS):
         out = session.ask(question, max_new_tokens=max_new_tokens)
@@ -84,7 +86,9 @@ def test_prompt_holds_the_whole_document_then_the_question(tokenizer):
 def test_rapid_draft_prompt_holds_the_question_and_the_closest_chunks(tokenizer):
     model = tiny_loaded("llama", tokenizer, max_positions=4096)
     document = "\n\n".join(book_paragraphs(50))  # ~3k tokens, ~16 chunks
-    session = DocumentSession(Engine(model, latency_curve=FLAT_CURVE), document, chunks=2)
+    spec = SpecConfig(drafters=(*default_drafters(), "rapid"))  # RAPID is not a default drafter
+    session = DocumentSession(Engine(model, spec=spec, latency_curve=FLAT_CURVE), document, chunks=2)
+    assert DocumentSession(Engine(model, latency_curve=FLAT_CURVE), document).request("Who?").draft_prompt is None
     request = session.request("What is the name of the man who took Netherfield?", max_new_tokens=4)
     (message,) = request.draft_prompt
     assert "Netherfield" in message["content"] and message["content"].endswith(

@@ -133,7 +133,7 @@ REGISTRY: dict[str, DrafterEntry] = {
                           summary="a small draft model with the target's tokenizer (dynamic tree)"),
     "self": DrafterEntry(_self, "ragspec.drafting.layer_skip:SelfDraftConfig", default=False,
                          summary="the target with some layers skipped (calibrated, no training)"),
-    "rapid": DrafterEntry(_rapid, "ragspec.drafting.rapid:RapidConfig",
+    "rapid": DrafterEntry(_rapid, "ragspec.drafting.rapid:RapidConfig", default=False,
                           summary="RAPID: a model (the target itself by default) reading only the request's "
                                   "draft_prompt (retrieved chunks + question); skipped without one"),
 }
