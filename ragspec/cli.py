@@ -102,7 +102,8 @@ def _print_stats(stats) -> None:
 
 
 def _stream(engine, prompt, options):
-    """Print the reply as it is generated; return the finished Generation."""
+    """Print the reply as it is generated; return the finished Generation. `engine`: an Engine, or
+    anything that streams the same way (a DocumentSession)."""
     show_stats = options.pop("stats")
     speculative = not options.pop("no_spec")
     stream = engine.stream(prompt, speculative=speculative, **options)
@@ -206,7 +207,7 @@ def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype,
 
         spec = SpecConfig(drafters=(*default_drafters(), "rapid")) if rapid else None
         return ask_documents(lambda: _engine(model, dtype, device, draft_model, spec=spec), docs, questions, options,
-                             chunks=k, print_stats=_print_stats)
+                             chunks=k, stream_answer=_stream)
     if rapid:
         raise click.UsageError("--rapid drafts from a document's chunks: it needs --doc")
     if not questions:

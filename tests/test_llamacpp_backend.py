@@ -16,6 +16,7 @@ import torch
 from conftest import FLAT_CURVE, spec_bench_questions
 from ragspec import Engine, GenerationRequest, SpecConfig
 from ragspec.errors import ConfigError
+from ragspec.drafting.tree import node_paths
 from ragspec.types import ROOT, AcceptResult, DraftTree
 from test_lossless import MAX_NEW, OracleDrafter, lossless_prompts
 
@@ -98,17 +99,6 @@ def _test_tree(greedy: list[int]) -> DraftTree:
     ])
 
 
-def _node_paths(tree: DraftTree) -> list[list[int]]:
-    paths = []
-    for node in range(tree.num_nodes):
-        path = []
-        while node != ROOT:
-            path.append(int(tree.token_ids[node]))
-            node = int(tree.parents[node])
-        paths.append(path[::-1])
-    return paths
-
-
 def test_branch_sequences_tag_every_node_with_the_leaves_below_it():
     tree = _tree([(1, ROOT), (2, ROOT), (3, 0), (4, 0), (5, 2)])  # leaves 1, 3, 4
     assert branch_sequences(tree.parents) == [(2, 3), (1,), (3,), (2,), (3,)]
@@ -124,7 +114,7 @@ def test_tree_verify_logits_match_sequential_decoding(llama_target):
     logits = verifier.verify(prompt[-1], tree).logits
     assert logits.shape == (1 + tree.num_nodes, llama_target.vocab_size)
     worst, flips = 0.0, 0
-    for node, path in enumerate(_node_paths(tree)):
+    for node, path in enumerate(node_paths(tree)):
         reference = _sequential_logits(llama_target, prompt, path)[-1]
         worst = max(worst, float((logits[node + 1] - reference).abs().max()))
         flips += int(logits[node + 1].argmax() != reference.argmax())

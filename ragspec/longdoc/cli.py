@@ -4,7 +4,6 @@ on the command line they are read from stdin, one a line, until an empty line or
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -15,13 +14,12 @@ from ragspec.longdoc.session import DocumentSession
 
 
 def ask_documents(make_engine: Callable, paths: Sequence[Path], questions: Sequence[str], options: dict,
-                  chunks: int | None, print_stats: Callable) -> None:
+                  chunks: int | None, stream_answer: Callable) -> None:
     """Stream the answer to each question; `options`: the CLI's generation options (stats,
-    no_spec and GenerationRequest fields); `print_stats(stats)`: the CLI's stats printer. The
-    documents are read before `make_engine()` loads the model, so a bad file fails at once."""
-    options = dict(options)
-    show_stats = options.pop("stats")
-    speculative = not options.pop("no_spec")
+    no_spec and GenerationRequest fields); `stream_answer(session, question, options)`: the CLI's
+    printer of a streamed answer (and its stats), which returns the Generation. The documents are
+    read before `make_engine()` loads the model, so a bad file fails at once."""
+    show_stats = options["stats"]
     documents = [read_document(path) for path in paths]
     session = DocumentSession(make_engine(), documents, chunks=chunks)
     if show_stats:
@@ -30,14 +28,9 @@ def ask_documents(make_engine: Callable, paths: Sequence[Path], questions: Seque
     for question in questions if questions else _stdin_questions():
         if questions and len(questions) > 1:
             click.echo(f"> {question}")
-        stream = session.stream(question, speculative=speculative, **options)
-        for piece in stream:
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
-        click.echo()
+        result = stream_answer(session, question, dict(options))
         if show_stats:
-            print_stats(stream.result.stats)
-            click.echo(time_split(stream.result), err=True)
+            click.echo(time_split(result), err=True)
 
 
 def time_split(result) -> str:
