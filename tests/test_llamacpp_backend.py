@@ -31,7 +31,8 @@ from ragspec.backends.llamacpp import DEAD_SEQUENCE, LlamaCppTarget, branch_sequ
 pytestmark = pytest.mark.slow
 
 # Largest |tree-verify logit - one-token-decode logit| allowed. Measured on the embedded Q4_1 GGUF
-# with llama-cpp-python 0.3.36 (native build, AVX-512 EPYC, 2 cores): see test_tree_verify_logits_match_sequential_decoding.
+# with llama-cpp-python 0.3.36 (native build, AVX-512 EPYC, 2 cores): see
+# test_tree_verify_logits_match_sequential_decoding.
 LOGIT_TOLERANCE = 1e-3
 
 

@@ -42,8 +42,9 @@ from ragspec.verify.verifier import KVPrefix
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 # A decode of 64 rows or more takes another matmul path in llama.cpp (measured with 0.3.36 on the
-# embedded Q4_1 GGUF, a native build on an AVX-512 EPYC (not checked on AVX2-only builds): up to 63 rows every logit equals one-token decoding's, at 64 every row
-# differs, by up to 1.3, with argmax flips), so a verify holds the pending token + at most 62 nodes.
+# embedded Q4_1 GGUF, a native build on an AVX-512 EPYC, not checked on AVX2-only builds: up to 63
+# rows every logit equals one-token decoding's, at 64 every row differs, by up to 1.3, with argmax
+# flips), so a verify holds the pending token + at most 62 nodes.
 MAX_EXACT_ROWS = 63
 DEAD_SEQUENCE = MAX_SEQUENCES - 1  # holds verified tree rows until compaction (see LlamaCppVerifier.commit)
 MAX_BRANCHES = DEAD_SEQUENCE - 1  # branch sequences 1..MAX_BRANCHES: leaves a tree may have
