@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -47,6 +48,7 @@ class Chunk:
 class Corpus:
     documents: list[Document] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason + fix)
+    seen: int = 0  # documents read (a streaming build does not keep them in `documents`)
 
     def skip(self, path: Path | str, reason: str) -> None:
         log.warning("skipped %s: %s", path, reason)
@@ -101,10 +103,13 @@ def _iter_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def _read_file(path: Path, corpus: Corpus) -> None:
+def _read_file(path: Path, corpus: Corpus) -> Iterator[Document]:
     suffix = path.suffix.lower()
     if suffix not in TEXT_SUFFIXES | HTML_SUFFIXES | JSONL_SUFFIXES:
         corpus.skip(path, f"unknown file type {suffix or '(none)'}: use .txt, .md, .rst, .html or .jsonl")
+        return
+    if suffix in JSONL_SUFFIXES:
+        yield from _read_jsonl(path, corpus)
         return
     try:
         raw = path.read_text(encoding="utf-8")
@@ -114,39 +119,62 @@ def _read_file(path: Path, corpus: Corpus) -> None:
     except OSError as exc:
         corpus.skip(path, f"cannot read it ({exc.strerror or exc}): check its permissions")
         return
-    if suffix in JSONL_SUFFIXES:
-        _read_jsonl(path, raw, corpus)
-        return
     text = html_to_text(raw) if suffix in HTML_SUFFIXES else raw
     if text.strip():
-        corpus.documents.append(Document(str(path), text))
+        yield Document(str(path), text)
     else:
         corpus.skip(path, "no text in it")
 
 
-def _read_jsonl(path: Path, raw: str, corpus: Corpus) -> None:
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            corpus.skip(f"{path}#{number}", f"invalid JSON ({exc.msg}): one JSON object per line")
-            continue
-        text = record.get("text") if isinstance(record, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            corpus.skip(f"{path}#{number}", 'no "text" string field in this line')
-            continue
-        corpus.documents.append(Document(f"{path}#{number}", text))
+def _read_jsonl(path: Path, corpus: Corpus) -> Iterator[Document]:
+    """One document per line, read line by line (a JSONL file may be larger than memory)."""
+    number = 0
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                document = _jsonl_document(path, number, line, corpus)
+                if document is not None:
+                    yield document
+    except UnicodeDecodeError:
+        corpus.skip(f"{path}#{number + 1}" if number else path, "not UTF-8 text: convert it to UTF-8")
+    except OSError as exc:
+        corpus.skip(path, f"cannot read it ({exc.strerror or exc}): check its permissions")
+
+
+def _jsonl_document(path: Path, number: int, line: str, corpus: Corpus) -> Document | None:
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        corpus.skip(f"{path}#{number}", f"invalid JSON ({exc.msg}): one JSON object per line")
+        return None
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str) or not text.strip():
+        corpus.skip(f"{path}#{number}", 'no "text" string field in this line')
+        return None
+    return Document(f"{path}#{number}", text)
+
+
+def iter_documents(paths: list[Path], corpus: Corpus, progress: bool = True) -> Iterator[Document]:
+    """The documents under `paths`, one at a time (files read one by one, JSONL line by line);
+    skipped files are recorded in `corpus.skipped`. Missing paths raise CorpusNotFound at once."""
+    return _documents(_iter_files(paths), corpus, progress)
+
+
+def _documents(files: list[Path], corpus: Corpus, progress: bool) -> Iterator[Document]:
+    from tqdm.auto import tqdm
+
+    for path in tqdm(files, desc="reading", unit="file", disable=not progress):
+        for document in _read_file(path, corpus):
+            corpus.seen += 1
+            yield document
 
 
 def read_corpus(paths: list[Path], progress: bool = True) -> Corpus:
-    """Read every supported file under `paths` (files or directories, recursively)."""
-    from tqdm.auto import tqdm
-
+    """Every supported file under `paths` (files or directories, recursively), in memory."""
     corpus = Corpus()
-    for path in tqdm(_iter_files(paths), desc="reading", unit="file", disable=not progress):
-        _read_file(path, corpus)
+    corpus.documents.extend(iter_documents(paths, corpus, progress))
     return corpus
 
 

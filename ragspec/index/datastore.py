@@ -18,17 +18,50 @@ SEPARATOR = -1  # between chunks in tokens.npy; sorts below every real token, ma
 _SAMPLE_FACTOR = 2  # without a scope, look at this many evenly spaced hits per wanted position
 
 
-def build_suffix_array(tokens: np.ndarray) -> np.ndarray:
-    """Suffix array of `tokens` (SEPARATOR = -1 allowed): int32 when it fits, else int64."""
+def build_suffix_array(tokens) -> np.ndarray:
+    """Suffix array of `tokens` (SEPARATOR = -1 allowed): int32 when it fits, else int64.
+
+    `tokens`: an array, or the path of a tokens.npy file, read a block at a time (file reads, not a
+    memory map, so the tokens do not count in the build's resident memory). Memory: the uint32
+    symbols (4 bytes/token) plus the suffix array (4 bytes/token; 8 past 2^31 tokens) -- the one
+    part of a build that is O(tokens) in RAM.
+    """
     from pydivsufsort import divsufsort
 
-    tokens = np.asarray(tokens)
-    if len(tokens) == 0:
+    symbols = _symbols(tokens)
+    if len(symbols) == 0:
         return np.zeros(0, dtype=np.int32)
-    symbols = tokens.astype(np.int64) + 1  # SEPARATOR -> 0, its own smallest symbol
-    suffix_array = divsufsort(symbols.astype(np.uint32))
-    dtype = np.int32 if len(tokens) < np.iinfo(np.int32).max else np.int64
+    suffix_array = divsufsort(symbols)
+    del symbols
+    dtype = np.int32 if len(suffix_array) < np.iinfo(np.int32).max else np.int64
     return np.ascontiguousarray(suffix_array, dtype=dtype)
+
+
+def read_npy_header(handle) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the .npy file open in `handle`, left positioned at its data."""
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(handle)
+    return shape, dtype
+
+
+def _symbols(tokens, block: int = 1 << 22) -> np.ndarray:
+    """tokens + 1 as uint32 (SEPARATOR -> 0, its own smallest symbol), converted block by block."""
+    from pathlib import Path
+
+    if isinstance(tokens, (str, Path)):
+        with open(tokens, "rb") as handle:
+            shape, dtype = read_npy_header(handle)
+            symbols = np.empty(shape[0], dtype=np.uint32)
+            for start in range(0, shape[0], block):
+                part = np.fromfile(handle, dtype=dtype, count=min(block, shape[0] - start))
+                symbols[start:start + len(part)] = part.astype(np.int64) + 1
+        return symbols
+    tokens = np.asarray(tokens)
+    symbols = np.empty(len(tokens), dtype=np.uint32)
+    for start in range(0, len(tokens), block):
+        symbols[start:start + block] = tokens[start:start + block].astype(np.int64) + 1
+    return symbols
 
 
 def _merge_ranges(ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -5,6 +5,7 @@ Heavy imports (transformers, sentence_transformers, faiss) happen inside the fun
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ragspec.errors import ConfigError, IndexCorrupt, ModelNotFound
+from ragspec.index import store
 
 log = logging.getLogger(__name__)
 
@@ -139,29 +141,38 @@ def _probe_factory(factory: str, vectors: np.ndarray) -> None:
                           "use e.g. Flat, HNSW32,Flat or IVF64,Flat")
 
 
-def create_faiss(factory: str, vectors: np.ndarray):
-    """A trained FAISS index (inner product) over `vectors`; returns (index, effective factory)."""
+SAFE_UNTRAINED = re.compile(r"Flat|HNSW([2-9]|[1-9][0-9]{1,2})(,Flat)?")  # no training: add as batches come
+
+
+def empty_faiss(factory: str, sample: np.ndarray):
+    """A FAISS index (inner product) trained on `sample` if it needs training, holding no vectors;
+    returns (index, effective factory). A streaming build trains on a bounded sample."""
     import faiss
 
-    effective = _clamp_ivf(factory, len(vectors))
+    effective = _clamp_ivf(factory, len(sample))
     if not _SAFE_FACTORY.fullmatch(effective):
-        _probe_factory(effective, vectors)
+        _probe_factory(effective, sample)
     try:
-        index = faiss.index_factory(vectors.shape[1], effective, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(sample.shape[1], effective, faiss.METRIC_INNER_PRODUCT)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(
             f"FAISS cannot parse the factory string {factory!r}: use e.g. Flat, HNSW32,Flat or IVF64,Flat"
         ) from exc
     if not index.is_trained:
         try:
-            index.train(vectors)
+            index.train(sample)
         except RuntimeError as exc:
             reason = str(exc).strip().splitlines()[-1]
             raise ConfigError(
-                f"FAISS {effective} cannot be trained on {len(vectors)} vectors ({reason}): "
+                f"FAISS {effective} cannot be trained on {len(sample)} vectors ({reason}): "
                 "use --faiss Flat or HNSW32,Flat for small corpora"
             ) from exc
-    try:  # some factories parse but cannot be used as an index builds and searches them (IDMap,...)
+    return index, effective
+
+
+def add_checked(index, vectors: np.ndarray, effective: str) -> None:
+    """The first add: some factories parse but cannot add and search plain vectors (IDMap,...)."""
+    try:
         index.add(vectors)
         index.search(vectors[:1], 1)
     except RuntimeError as exc:
@@ -170,13 +181,28 @@ def create_faiss(factory: str, vectors: np.ndarray):
             f"FAISS {effective} cannot add and search plain vectors ({reason}): use e.g. Flat, HNSW32,Flat "
             "or IVF64,Flat"
         ) from exc
+
+
+def create_faiss(factory: str, vectors: np.ndarray):
+    """A trained FAISS index (inner product) over `vectors`; returns (index, effective factory)."""
+    index, effective = empty_faiss(factory, vectors)
+    add_checked(index, vectors, effective)
     return index, effective
 
 
 def read_faiss(path: Path, mmap: bool = True):
-    """Read with a memory map where the index type allows it, else a normal read."""
+    """Read with a memory map where the index type allows it, else a normal read. An on-disk IVF
+    index (dense.ivfdata beside it) maps its inverted lists from its own folder, read-only."""
     import faiss
 
+    if (Path(path).parent / store.DENSE_DATA_FILE).is_file():
+        try:
+            with c_stdout_silenced():  # FAISS prints the ivfdata path it switches to
+                return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as exc:
+            raise IndexCorrupt(
+                f"cannot read {path} with its inverted lists: rebuild the index with ragspec index build ({exc})"
+            ) from exc
     if mmap:
         try:
             return faiss.read_index(str(path), faiss.IO_FLAG_MMAP)
@@ -188,6 +214,23 @@ def read_faiss(path: Path, mmap: bool = True):
         raise IndexCorrupt(
             f"cannot read {path}: the FAISS file is damaged; rebuild the index with ragspec index build"
         ) from exc
+
+
+@contextlib.contextmanager
+def c_stdout_silenced():
+    """Send what C code prints to stdout (file descriptor 1) to /dev/null for a moment."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def on_gpu_if_available(index):

@@ -39,6 +39,8 @@ class BuildStats:
     chunks_per_s: float
     bytes_per_token: float  # whole index directory size / datastore length
     skipped: tuple[tuple[str, str], ...] = ()  # (path, reason) of files not indexed
+    peak_rss_bytes: int = 0  # getrusage peak RSS, this process + its largest child (an upper bound)
+    peak_rss_self_bytes: int = 0  # this process alone (its whole life, so a library caller's too)
 
 
 def index_home(home: str | os.PathLike | None = None) -> Path:

@@ -5,6 +5,7 @@
     chunk_tokens = 256
     overlap_tokens = 32
     faiss = "Flat"
+    # dense_on_disk = true   (with faiss = "IVF4096,Flat": inverted lists in dense.ivfdata, memory-mapped)
     # model = "path/to/model-or.gguf"      (default: the embedded SmolLM2-135M-Instruct)
     # embedder = "path/to/sentence-transformer"   (default: embedded all-MiniLM-L6-v2)
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 
 from ragspec.errors import ConfigError
 
-_KEYS = {"name", "paths", "chunk_tokens", "overlap_tokens", "faiss", "model", "embedder", "description"}
+_KEYS = {"name", "paths", "chunk_tokens", "overlap_tokens", "faiss", "dense_on_disk", "model", "embedder",
+         "description"}
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Recipe:
     chunk_tokens: int = 256
     overlap_tokens: int = 32
     faiss: str = "Flat"
+    dense_on_disk: bool = False  # IVF inverted lists on disk (memory-mapped), for indexes larger than RAM
     model: str | None = None
     embedder: str | None = None
 
@@ -47,6 +50,8 @@ def load_recipe(path: Path) -> Recipe:
     for key in ("chunk_tokens", "overlap_tokens"):
         if key in data and type(data[key]) is not int:
             raise ConfigError(f"recipe {path}: {key} must be a whole number, got {data[key]!r}")
+    if "dense_on_disk" in data and type(data["dense_on_disk"]) is not bool:
+        raise ConfigError(f"recipe {path}: dense_on_disk must be true or false, got {data['dense_on_disk']!r}")
     base = Path(path).resolve().parent
     return Recipe(
         name=data["name"],
@@ -54,6 +59,7 @@ def load_recipe(path: Path) -> Recipe:
         chunk_tokens=data.get("chunk_tokens", 256),
         overlap_tokens=data.get("overlap_tokens", 32),
         faiss=data.get("faiss", "Flat"),
+        dense_on_disk=data.get("dense_on_disk", False),
         model=data.get("model"),
         embedder=data.get("embedder"),
     )

@@ -23,6 +23,9 @@ DENSE_FILE = "dense.faiss"
 TOKENS_FILE = "tokens.npy"
 SUFFIX_FILE = "suffix.npy"
 CHECKSUMMED_FILES = (DENSE_FILE, TOKENS_FILE, SUFFIX_FILE)  # meta.sqlite: PRAGMA integrity_check
+DENSE_DATA_FILE = "dense.ivfdata"  # only in indexes built with an on-disk IVF dense index
+DENSE_TEMPLATE_FILE = "dense.trained.faiss"  # its trained, empty IVF index (quantizer only), for `add`
+OPTIONAL_FILES = (DENSE_DATA_FILE, DENSE_TEMPLATE_FILE)  # checksummed too when present
 # Learned state, not part of the build (so not checksummed): answers given through the index,
 # written by engines with persist_state; `add` carries it over, a rebuild starts without it.
 PAST_RESPONSES_FILE = "past_responses.npy"
@@ -39,9 +42,10 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
 
 def file_records(directory: Path) -> dict[str, dict]:
     """{file name: {"sha256", "bytes"}} of the checksummed index files."""
+    present = CHECKSUMMED_FILES + tuple(name for name in OPTIONAL_FILES if (directory / name).is_file())
     return {
         name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-        for name in CHECKSUMMED_FILES
+        for name in present
     }
 
 
@@ -109,7 +113,7 @@ def check_manifest(directory: Path, manifest: dict) -> None:
     if not isinstance(manifest.get("tokenizer_fingerprint"), str):
         raise bad("lacks tokenizer_fingerprint")
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != set(CHECKSUMMED_FILES):
+    if not isinstance(files, dict) or not set(CHECKSUMMED_FILES) <= set(files) <= {*CHECKSUMMED_FILES, *OPTIONAL_FILES}:
         raise bad(f"lists files {sorted(files) if isinstance(files, dict) else files!r}, not {list(CHECKSUMMED_FILES)}")
     for name, record in files.items():
         if not (isinstance(record, dict) and type(record.get("bytes")) is int and isinstance(record.get("sha256"), str)):
