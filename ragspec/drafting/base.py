@@ -149,14 +149,29 @@ def judge_own_tree(tree: DraftTree, continuation: list[int]) -> tuple[np.ndarray
     """
     tested = np.zeros(tree.num_nodes, dtype=bool)
     correct = np.zeros(tree.num_nodes, dtype=bool)
-    depth = np.zeros(tree.num_nodes, dtype=np.int64)
-    for i, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
-        depth[i] = 1 if parent == ROOT else depth[parent] + 1
-        parent_ok = parent == ROOT or correct[parent]
-        if parent_ok and depth[i] <= len(continuation):
-            tested[i] = True
-            correct[i] = continuation[depth[i] - 1] == token
+    for node, right in tested_nodes(tree, continuation):
+        tested[node], correct[node] = True, right
     return tested, correct
+
+
+def tested_nodes(tree: DraftTree, continuation: list[int]) -> list[tuple[int, bool]]:
+    """`judge_own_tree` as (node, correct) for each tested node, in node order: plain lists,
+    since a drafter learns from its own tree after every step."""
+    depth: list[int] = []
+    correct: list[bool] = []
+    judged: list[tuple[int, bool]] = []
+    for node, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
+        if parent == ROOT:
+            depth.append(1)
+            parent_ok = True
+        else:
+            depth.append(depth[parent] + 1)
+            parent_ok = correct[parent]
+        right = parent_ok and depth[node] <= len(continuation) and continuation[depth[node] - 1] == token
+        correct.append(right)
+        if parent_ok and depth[node] <= len(continuation):
+            judged.append((node, right))
+    return judged
 
 
 class AcceptanceEstimate:
@@ -178,9 +193,8 @@ class AcceptanceEstimate:
 
     def learn(self, tree: DraftTree, buckets: list, step: StepResult) -> None:
         """Update from one verify: buckets[i] is the bucket of the drafter's own node i."""
-        tested, correct = judge_own_tree(tree, target_continuation(step))
-        for node in np.flatnonzero(tested).tolist():
-            self.update(buckets[node], 1, int(correct[node]))
+        for node, right in tested_nodes(tree, target_continuation(step)):
+            self.update(buckets[node], 1, int(right))
 
     def update(self, bucket: object, tested: int, correct: int) -> None:
         if bucket not in self._trials:

@@ -33,11 +33,11 @@ class ContextSuffixDrafter(ContinuationDrafter):
         self.index.extend(tokens[len(self.index) :])
         if context.max_nodes <= 0:
             return self.nothing()
-        starts, lengths = self.index.matches(tokens, self.config.max_occurrences, self.config.max_match)
-        if not len(starts):
+        if len(self.index) == len(tokens):  # always, unless a caller handed a shorter context
+            starts, lengths = self.index.own_suffix_matches(self.config.max_occurrences, self.config.max_match)
+        else:
+            starts, lengths = self.index.match_lists(tokens, self.config.max_occurrences, self.config.max_match)
+        if not starts:
             return self.nothing()
-        continuations = [
-            self.index.following(start, draft_depth(match, self.config.max_depth))
-            for start, match in zip(starts.tolist(), lengths.tolist())
-        ]
-        return self.tree_from(continuations, lengths)
+        depths = [draft_depth(match, self.config.max_depth) for match in lengths]
+        return self.tree_from(self.index.following_lists(starts, depths), lengths)

@@ -7,10 +7,11 @@ is shared here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from ragspec.drafting.base import AcceptanceEstimate
-from ragspec.drafting.tree import TrieBuilder
 from ragspec.types import ROOT, DraftTree, StepResult
 
 # Prior P(draft token correct | parent correct) by match-length bucket, for a node every
@@ -20,6 +21,9 @@ _SHARE_EDGES = (0.95, 0.6, 0.3, 0.1)  # share bucket 0 is >= 0.95, 1 is >= 0.6, 
 _SHARE_MIDDLES = (1.0, 0.75, 0.45, 0.2, 0.05)
 
 
+_NO_DRAFT = DraftTree.empty()  # shared: most rows match nothing most steps, and an empty tree has nothing to change
+
+
 def match_bucket(match_length: int) -> int:
     """0 for 1 token, 1 for 2, 2 for 3-4, 3 for 5-8, 4 for 9-16, 5 for 17-32, 6 for 33-64, 7 beyond."""
     return min(7, (max(match_length, 1) - 1).bit_length())  # ceil(log2(m)), in integers (called per node)
@@ -27,7 +31,10 @@ def match_bucket(match_length: int) -> int:
 
 def share_bucket(share: float) -> int:
     """Bucket of the share of the parent's occurrences that go on to a node."""
-    return next((i for i, edge in enumerate(_SHARE_EDGES) if share >= edge), len(_SHARE_EDGES))
+    for bucket, edge in enumerate(_SHARE_EDGES):  # a loop, not next(genexpr): called per node
+        if share >= edge:
+            return bucket
+    return len(_SHARE_EDGES)
 
 
 def draft_depth(match_length: int, max_depth: int) -> int:
@@ -52,7 +59,8 @@ class ContinuationDrafter:
         self._last_tree: DraftTree | None = None
         self._last_buckets: list[tuple[int, int]] = []
 
-    def tree_from(self, continuations: list[np.ndarray], match_lengths: np.ndarray) -> DraftTree:
+    def tree_from(self, continuations: Sequence[Sequence[int] | np.ndarray],
+                  match_lengths: Sequence[int] | np.ndarray) -> DraftTree:
         """Weigh continuations in a trie (match length squared per occurrence), then score:
         P(node) = P(parent) * learned P(correct | parent correct) for its bucket: the match
         length it continues and the share of the parent's weight that goes on to its token.
@@ -62,35 +70,60 @@ class ContinuationDrafter:
         next token, so a long copy streak earns a deep draft. The rate is learned per share
         bucket rather than multiplied by the share, since the learned rate already averages
         over siblings: a majority continuation is right far more often than its share says."""
-        weights = TrieBuilder()  # scores hold summed weights while counting
-        best_match: list[int] = []
-        for tokens, match in zip(continuations, match_lengths.tolist()):
-            node, weight = ROOT, float(match * match)
-            for token in tokens.tolist():
-                node = weights.add(node, token, 0.0, self.name)  # score 0 leaves a weight as it was
-                weights.scores[node] += weight
-                if node == len(best_match):
-                    best_match.append(match)
-                else:
-                    best_match[node] = max(best_match[node], match)
-        root_weight = float(sum(m * m for m, c in zip(match_lengths.tolist(), continuations) if len(c)))
-        scores, buckets, depths = [], [], []
-        for node, parent in enumerate(weights.parents):
-            depth = 1 if parent == ROOT else depths[parent] + 1
-            parent_weight = root_weight if parent == ROOT else weights.scores[parent]
-            parent_score = 1.0 if parent == ROOT else scores[parent]
-            share = weights.scores[node] / parent_weight
-            bucket = (match_bucket(best_match[node] + depth - 1), share_bucket(share))
-            scores.append(parent_score * self.estimate.rate(bucket))
+        matches = match_lengths.tolist() if isinstance(match_lengths, np.ndarray) else list(match_lengths)
+        tokens, parents, weights, best_match = self._weigh_trie(continuations, matches)
+        root_weight = float(sum(m * m for m, c in zip(matches, continuations) if len(c)))
+        rate = self.estimate.rate
+        scores: list[float] = []
+        buckets: list[tuple[int, int]] = []
+        depths: list[int] = []
+        for node, parent in enumerate(parents):
+            if parent == ROOT:
+                depth, parent_weight, parent_score = 1, root_weight, 1.0
+            else:
+                depth, parent_weight, parent_score = depths[parent] + 1, weights[parent], scores[parent]
+            bucket = (match_bucket(best_match[node] + depth - 1), share_bucket(weights[node] / parent_weight))
+            scores.append(parent_score * rate(bucket))
             buckets.append(bucket)
             depths.append(depth)
-        weights.scores = scores
-        self._last_tree, self._last_buckets = weights.build(), buckets
+        self._last_tree = DraftTree(
+            token_ids=np.asarray(tokens, dtype=np.int64), parents=np.asarray(parents, dtype=np.int64),
+            scores=np.asarray(scores, dtype=np.float64), sources=(self.name,) * len(tokens),
+        )
+        self._last_buckets = buckets
         return self._last_tree
+
+    @staticmethod
+    def _weigh_trie(continuations: Sequence[Sequence[int] | np.ndarray], match_lengths: list[int]
+                    ) -> tuple[list[int], list[int], list[float], list[int]]:
+        """The continuations merged into a trie (parents before children, in insertion order):
+        each node's token, parent, summed weight (match length squared per occurrence through
+        it) and longest match among those occurrences. Plain lists: this runs per request per
+        step, on a few dozen nodes."""
+        tokens: list[int] = []
+        parents: list[int] = []
+        weights: list[float] = []
+        best_match: list[int] = []
+        children: dict[tuple[int, int], int] = {}
+        for continuation, match in zip(continuations, match_lengths):
+            node, weight = ROOT, float(match * match)
+            for token in continuation.tolist() if isinstance(continuation, np.ndarray) else continuation:
+                child = children.get((node, token))
+                if child is None:
+                    child = children[(node, token)] = len(tokens)
+                    tokens.append(token)
+                    parents.append(node)
+                    weights.append(0.0)
+                    best_match.append(match)
+                elif match > best_match[child]:
+                    best_match[child] = match
+                weights[child] += weight
+                node = child
+        return tokens, parents, weights, best_match
 
     def nothing(self) -> DraftTree:
         self._last_tree, self._last_buckets = None, []
-        return DraftTree.empty()
+        return _NO_DRAFT
 
     def observe(self, step: StepResult) -> None:
         if self._last_tree is None:

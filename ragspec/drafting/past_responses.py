@@ -68,15 +68,13 @@ class PastResponsesDrafter(ContinuationDrafter):
     def propose(self, context: DraftContext) -> DraftTree:
         if not len(self.index) or context.max_nodes <= 0:
             return self.nothing()
-        starts, lengths = self.index.matches(context.tokens, self.config.max_occurrences, self.config.max_match)
-        continuations = [
-            self.index.following(start, draft_depth(match, self.config.max_depth))
-            for start, match in zip(starts.tolist(), lengths.tolist())
-        ]
-        keep = [i for i, c in enumerate(continuations) if len(c)]
+        starts, lengths = self.index.match_lists(context.tokens, self.config.max_occurrences, self.config.max_match)
+        depths = [draft_depth(match, self.config.max_depth) for match in lengths]
+        continuations = self.index.following_lists(starts, depths)
+        keep = [i for i, c in enumerate(continuations) if c]
         if not keep:
             return self.nothing()
-        return self.tree_from([continuations[i] for i in keep], lengths[keep])
+        return self.tree_from([continuations[i] for i in keep], [lengths[i] for i in keep])
 
     def finish_request(self, prompt_ids, generated_ids) -> None:
         """Store the answer behind the end of its prompt, so the same question asked again

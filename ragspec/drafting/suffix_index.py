@@ -52,6 +52,8 @@ class NgramIndex:
         # tokens[p - n : p] is _prefix[p] - _prefix[p - n] * BASE**n: a step's new positions cost
         # one multiply per n-gram size
         self._prefix: list[int] = [0]
+        # (n, BASE**n, its table) ascending: what a decode step's few new positions are filed under
+        self._tables = [(n, _POWERS[n], self._followers[n]) for n in self.sizes]
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -93,11 +95,10 @@ class NgramIndex:
         prefix = self._prefix
         for position in range(max(start, 1), len(self._buffer)):
             head = prefix[position]
-            for n in self.sizes:
+            for n, power, table in self._tables:
                 if n > position:
                     break
-                key = (head - prefix[position - n] * _POWERS[n]) & _MASK
-                table = self._followers[n]
+                key = (head - prefix[position - n] * power) & _MASK
                 followers = table.get(key)
                 if followers is None:
                     table[key] = [position]
@@ -107,32 +108,77 @@ class NgramIndex:
     def matches(self, query: np.ndarray, max_results: int, max_match: int) -> tuple[np.ndarray, np.ndarray]:
         """Positions following earlier occurrences of query's suffix, longest match first (latest
         first among equals), with each match's true length (up to max_match). Both [<= max_results]."""
-        starts: list[int] = []
-        keys = suffix_hashes(query[-self.sizes[-1]:].tolist(), self.sizes)
-        for n in reversed(self.sizes):
-            if len(query) < n or len(starts) >= max_results:
-                continue
-            key = keys[n]
-            followers = self._followers[n].get(key, ())
-            seen = set(starts)
-            starts.extend(p for p in reversed(followers[-max_results:]) if p not in seen)
-        found = np.asarray(starts[:max_results], dtype=np.int64)
-        lengths = self._match_lengths(query, found, max_match)
-        keep = lengths > 0
-        return found[keep], lengths[keep]
+        starts, lengths = self.match_lists(query, max_results, max_match)
+        return np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
 
-    def _match_lengths(self, query: np.ndarray, starts: np.ndarray, max_match: int) -> np.ndarray:
-        """How many tokens before each start equal the last tokens of query. [len(starts)]"""
-        back = np.arange(1, max_match + 1)
-        earlier = starts[:, None] - back[None, :]  # [occurrences, max_match]
-        current = len(query) - back  # [max_match]
-        valid = (earlier >= 0) & (current >= 0)[None, :]
-        tokens = self.tokens
-        same = (tokens[np.maximum(earlier, 0)] == query[np.maximum(current, 0)][None, :]) & valid
-        return np.cumprod(same, axis=1).sum(axis=1)
+    def match_lists(self, query: np.ndarray, max_results: int, max_match: int) -> tuple[list[int], list[int]]:
+        """`matches` as Python lists: a decode step looks up a handful of positions, where numpy's
+        per-call overhead would cost more than the work (the vLLM proposer does this per row)."""
+        keys = suffix_hashes(query[-self.sizes[-1]:].tolist(), self.sizes)
+        return self._lookup(query, keys, max_results, max_match)
+
+    def own_suffix_matches(self, max_results: int, max_match: int) -> tuple[list[int], list[int]]:
+        """`match_lists` of the index's own tokens (the context drafter's query): the suffix's
+        keys come from the prefix hashes, one multiply per n-gram size."""
+        prefix, end = self._prefix, len(self._buffer)
+        keys = {n: (prefix[end] - prefix[end - n] * _POWERS[n]) & _MASK for n in self.sizes if n <= end}
+        return self._lookup(self._buffer.view(), keys, max_results, max_match)
+
+    def _lookup(self, query: np.ndarray, keys: dict[int, int], max_results: int,
+                max_match: int) -> tuple[list[int], list[int]]:
+        """Starts and true match lengths of the query whose suffix n-grams hash to `keys`."""
+        starts: list[int] = []
+        for n in reversed(self.sizes):
+            if len(starts) >= max_results:
+                break
+            if len(query) < n:
+                continue
+            followers = self._followers[n].get(keys[n])
+            if not followers:
+                continue
+            latest_first = reversed(followers[-max_results:])
+            if starts:
+                seen = set(starts)
+                starts.extend(p for p in latest_first if p not in seen)
+            else:
+                starts.extend(latest_first)
+        del starts[max_results:]
+        lengths = self._match_lengths(query, starts, max_match)
+        if 0 in lengths:  # a hash collision: no match at all
+            kept = [i for i, length in enumerate(lengths) if length]
+            return [starts[i] for i in kept], [lengths[i] for i in kept]
+        return starts, lengths
+
+    def _match_lengths(self, query: np.ndarray, starts: list[int], max_match: int) -> list[int]:
+        """How many tokens before each start equal the last tokens of query (up to max_match)."""
+        if not starts:
+            return []
+        recent = query[-max_match:].tolist()[::-1]  # recent[j]: query's token j + 1 back from its end
+        data = self._buffer.view()
+        lengths = []
+        for start in starts:
+            earlier = data[max(0, start - max_match) : start].tolist()[::-1]  # same order, before start
+            length = 0
+            for mine, theirs in zip(earlier, recent):
+                if mine != theirs:
+                    break
+                length += 1
+            lengths.append(length)
+        return lengths
 
     def following(self, start: int, depth: int) -> np.ndarray:
         """Up to `depth` tokens from `start`, cut at the first SEPARATOR."""
         window = self.tokens[start : start + depth]
         cut = np.flatnonzero(window == SEPARATOR)
         return window[: cut[0]] if len(cut) else window
+
+    def following_lists(self, starts: list[int], depths: list[int]) -> list[list[int]]:
+        """`following` for each (start, depth), as Python lists (what a trie is built from)."""
+        data = self._buffer.view()
+        continuations = []
+        for start, depth in zip(starts, depths):
+            window = data[start : start + depth].tolist()
+            if SEPARATOR in window:
+                window = window[: window.index(SEPARATOR)]
+            continuations.append(window)
+        return continuations

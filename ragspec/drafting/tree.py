@@ -102,11 +102,17 @@ def fuse(trees: Sequence[DraftTree]) -> DraftTree:
 
 def monotone_scores(scores: np.ndarray, parents: np.ndarray) -> np.ndarray:
     """Each score capped at its parent's (calibration and rounding can break the order). [n]"""
-    scores = scores.copy()
-    for i, parent in enumerate(parents.tolist()):
-        if parent != ROOT and scores[i] > scores[parent]:
-            scores[i] = scores[parent]
-    return scores
+    return np.asarray(monotone_score_list(scores.tolist(), parents.tolist()), dtype=np.float64)
+
+
+def monotone_score_list(scores: list[float], parents: list[int]) -> list[float]:
+    """`monotone_scores` on Python lists (one pass: parents come before their children)."""
+    capped: list[float] = []
+    for score, parent in zip(scores, parents):
+        if parent != ROOT and score > capped[parent]:
+            score = capped[parent]
+        capped.append(score)
+    return capped
 
 
 def best_first_order(tree: DraftTree, scores: np.ndarray | None = None) -> np.ndarray:

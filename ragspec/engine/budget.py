@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ragspec.drafting.base import ema, warn_once, write_atomically
-from ragspec.drafting.tree import monotone_scores, prune
+from ragspec.drafting.tree import monotone_score_list, prune
 from ragspec.types import DraftTree
 
 if TYPE_CHECKING:  # NodeBudget imports without torch (the vLLM proposer calibrates with it)
@@ -147,9 +147,15 @@ class NodeBudget:
 
     def calibrated_scores(self, tree: DraftTree) -> np.ndarray:
         """P(node accepted) after calibration, capped at 1 and at the parent's. [num_nodes]"""
-        factor_of = {source: self.calibration(source) for source in set(tree.sources)}  # a few sources, many nodes
-        factors = np.array([factor_of[source] for source in tree.sources])
-        return monotone_scores(np.minimum(1.0, tree.scores * factors), tree.parents)
+        return np.asarray(self.calibrated_score_list(tree), dtype=np.float64)
+
+    def calibrated_score_list(self, tree: DraftTree, factor_of: dict[str, float] | None = None) -> list[float]:
+        """`calibrated_scores` as a list; `factor_of` (source -> `calibration(source)`) may be
+        computed once for many trees (the vLLM proposer scores a tree per row, between learns)."""
+        if factor_of is None:
+            factor_of = {source: self.calibration(source) for source in set(tree.sources)}  # a few sources, many nodes
+        scaled = [min(1.0, score * factor_of[source]) for score, source in zip(tree.scores.tolist(), tree.sources)]
+        return monotone_score_list(scaled, tree.parents.tolist())
 
     def select(self, tree: DraftTree, limit: int | None = None, explore: bool = False) -> DraftTree:
         """The best nodes worth verifying, by calibrated score (the tree keeps its raw scores)."""
@@ -206,15 +212,22 @@ class NodeBudget:
         """Learn from one verify: `tree` as verified (raw scores), the nodes the target accepted."""
         if self.curve.adapt:
             self._observe_latency(tree.num_nodes, seconds)
+        if len(set(tree.sources)) == 1:  # the common case (a chain, one drafter's tree): no masks
+            self._learn_source(tree.sources[0], float(tree.scores.sum()), float(len(set(accepted_nodes))))
+            return
         sources = np.asarray(tree.sources)
         accepted = np.zeros(tree.num_nodes, dtype=bool)
         accepted[list(accepted_nodes)] = True
         for source in set(tree.sources):
             mine = sources == source
-            predicted = self._predicted.get(source, 1.0)
-            self._predicted[source] = predicted + 0.05 * (float(tree.scores[mine].sum()) - predicted)
-            hits = self._accepted.get(source, 1.0)
-            self._accepted[source] = hits + 0.05 * (float(accepted[mine].sum()) - hits)
+            self._learn_source(source, float(tree.scores[mine].sum()), float(accepted[mine].sum()))
+
+    def _learn_source(self, source: str, predicted_now: float, accepted_now: float) -> None:
+        """One step's summed scores and accepted nodes of `source`, into its moving averages."""
+        predicted = self._predicted.get(source, 1.0)
+        self._predicted[source] = predicted + 0.05 * (predicted_now - predicted)
+        hits = self._accepted.get(source, 1.0)
+        self._accepted[source] = hits + 0.05 * (accepted_now - hits)
 
     def _observe_latency(self, nodes: int, seconds: float) -> None:
         """A step of `nodes` nodes over `self.cache_length` cached tokens took `seconds`."""

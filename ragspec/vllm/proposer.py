@@ -13,13 +13,18 @@ NodeBudget's calibrated scores, because vLLM verifies chains only (never more th
 `num_speculative_tokens` tokens: more crashes the engine). Drafts never change vLLM's output:
 it verifies every token, so a wrong match only costs speed.
 
-Requests are recognised by content (`RowKey`): a row whose tokens extend a known request's by
+Requests are recognised by content (`row_keys`): a row whose tokens extend a known request's by
 exactly the tokens sampled this step continues that request, wherever the row moved to. A
 request whose row is gone has finished or was preempted: its answer goes to the past-responses
 store, and its state waits in a small pool for a resume (vLLM re-prefills a preempted request
 with all its tokens, so its row key matches again).
 
 Imports numpy-only ragspec modules: no torch, no transformers (vLLM pins its own).
+
+Speed (scripts/vllm_propose_timing.py): a step's work per row is proportional to its new tokens,
+not its length: the content keys of every row come from one vectorised gather, the suffix
+indexes grow by the sampled tokens, and each row's trie, scores and best chain are built on
+Python lists (a few dozen nodes, where numpy's per-call overhead is most of the cost).
 """
 
 from __future__ import annotations
@@ -91,19 +96,34 @@ class ProposerSettings:
         return cls(**values)
 
 
-@dataclass(frozen=True)
-class RowKey:
-    """A request's identity by content: its length and hashes of its first and last tokens."""
+RowKey = tuple[int, bytes]  # (length, the row's first and last KEY_TOKENS tokens as int64 bytes)
 
-    length: int
-    head: int
-    tail: int
 
-    @classmethod
-    def of(cls, row: np.ndarray, length: int) -> "RowKey":
-        head = row[: min(KEY_TOKENS, length)].astype(np.int64)  # vLLM's rows are int32, ours int64
-        tail = row[max(0, length - KEY_TOKENS) : length].astype(np.int64)
-        return cls(length, hash(head.tobytes()), hash(tail.tobytes()))
+def row_keys(tokens: np.ndarray, lengths: np.ndarray) -> list[RowKey]:
+    """Each row's content key at its length: `tokens` [rows, width], `lengths` [rows]. One gather
+    for the whole batch (per-row slicing and hashing cost more than the rest of a step's work);
+    short rows' missing places hold -1, which no token id is. Exact bytes, so no collisions."""
+    offsets = np.arange(KEY_TOKENS)
+    tail_start = np.maximum(lengths - KEY_TOKENS, 0)
+    columns = np.concatenate([np.broadcast_to(offsets, (len(lengths), KEY_TOKENS)),
+                              tail_start[:, None] + offsets[None, :]], axis=1)  # [rows, 2 * KEY_TOKENS]
+    window = np.take_along_axis(tokens, np.minimum(columns, tokens.shape[1] - 1), axis=1).astype(np.int64)
+    window[columns >= lengths[:, None]] = -1
+    data, size = window.tobytes(), window.shape[1] * window.itemsize
+    return [(length, data[i * size : (i + 1) * size]) for i, length in enumerate(lengths.tolist())]
+
+
+class CalibrationFactors(dict):
+    """source -> NodeBudget.calibration(source), computed on first use: the budget learns only
+    before a step's drafting, so one step's trees share their factors."""
+
+    def __init__(self, budget: NodeBudget):
+        super().__init__()
+        self.budget = budget
+
+    def __missing__(self, source: str) -> float:
+        self[source] = factor = self.budget.calibration(source)
+        return factor
 
 
 @dataclass
@@ -111,6 +131,7 @@ class Proposal:
     """What was proposed for a request last step, kept until the next step shows what was accepted."""
 
     chain: DraftTree  # the chain sent to vLLM (raw scores, sources): what the budget learns from
+    tokens: list[int]  # its token ids
     drafter_trees: list[tuple[ContinuationDrafter, DraftTree | None, list]]  # each drafter's own tree + buckets
 
 
@@ -121,11 +142,6 @@ class RequestState:
     drafters: list[ContinuationDrafter]  # its own context / datastore drafters (the past store is shared)
     proposal: Proposal | None = None
     answered: int = 0  # output tokens already handed to the past-responses store
-
-    @property
-    def key(self) -> RowKey:
-        view = self.tokens.view()
-        return RowKey.of(view, len(view))
 
 
 @dataclass
@@ -183,16 +199,20 @@ class RagspecProposer:
         (accepted drafts + the bonus; empty in prefill), `token_ids_cpu[i, :num_tokens_no_spec[i]]`
         its tokens so far (those included). Returns at most k tokens per row."""
         start, start_cpu = time.perf_counter(), time.thread_time()
-        tokens = np.asarray(token_ids_cpu)
-        lengths = np.asarray(num_tokens_no_spec).reshape(-1)
+        num_rows = len(sampled_token_ids)
+        tokens = np.asarray(token_ids_cpu)[:num_rows]
+        lengths = np.asarray(num_tokens_no_spec).reshape(-1)[:num_rows].astype(np.int64)
+        before = np.maximum(lengths - np.fromiter(map(len, sampled_token_ids), np.int64, num_rows), 0)
+        keys_before, keys_after = row_keys(tokens, before), row_keys(tokens, lengths)
         previous, self._active = self._active, {}
         new_before = self.counts["new"] + self.counts["resumed"]
-        rows = [self._match_row(previous, tokens[i], int(lengths[i]), sampled)
+        rows = [self._match_row(previous, tokens[i], keys_before[i], keys_after[i], sampled)
                 for i, sampled in enumerate(sampled_token_ids)]
         self._observe_step(start, rows, sampled_token_ids, new_before)
         self._depart(previous)  # first: a finished answer can draft for a request arriving now
         threshold = self.cost.min_score(self.settings.min_score) if self.settings.adaptive else self.settings.min_score
-        drafts = [[] if state is None or not sampled else self._draft(state, threshold)
+        factors = CalibrationFactors(self.budget)
+        drafts = [[] if state is None or not sampled else self._draft(state, threshold, factors)
                   for state, sampled in zip(rows, sampled_token_ids)]
         self._last_verified = sum(1 + len(d) for d, sampled in zip(drafts, sampled_token_ids) if sampled)
         self._last_end = time.perf_counter()
@@ -210,29 +230,28 @@ class RagspecProposer:
 
     # ------------------------------------------------------------------ one row
 
-    def _match_row(self, previous: dict[RowKey, list[RequestState]], row: np.ndarray, length: int,
-                   sampled: list[int]) -> RequestState | None:
+    def _match_row(self, previous: dict[RowKey, list[RequestState]], row: np.ndarray, key_before: RowKey,
+                   key_after: RowKey, sampled: list[int]) -> RequestState | None:
         """The request in this row (found, resumed or new), brought up to the row's tokens, and
-        taught what vLLM accepted of its last chain. None for an empty row."""
+        taught what vLLM accepted of its last chain. None for an empty row. `key_before`: the
+        row's key without this step's sampled tokens; `key_after`: with them."""
+        length, before = key_after[0], key_before[0]
         if length <= 0:
             return None
-        state = self._find(previous, row, length - len(sampled))
+        state = self._find(previous, key_before) if before > 0 else None
         if state is None:
-            state = self._new_state(length - len(sampled) if sampled else length)
-            state.tokens.extend(row[: length - len(sampled)])
+            state = self._new_state(before if sampled else length)
+            state.tokens.extend(row[:before])
         if sampled and state.proposal is not None:
             self._learn(state.proposal, sampled)
         state.proposal = None
         state.tokens.extend(row[len(state.tokens) : length])
-        self._active.setdefault(state.key, []).append(state)
+        self._active.setdefault(key_after, []).append(state)
         return state
 
-    def _find(self, previous: dict[RowKey, list[RequestState]], row: np.ndarray, before: int) -> RequestState | None:
+    def _find(self, previous: dict[RowKey, list[RequestState]], key: RowKey) -> RequestState | None:
         """The request this row continues: its tokens before this step's sampled ones match a known
         request's, among last step's rows first, then departed (preempted) ones."""
-        if before <= 0:
-            return None
-        key = RowKey.of(row, before)
         for pool in (previous, self._departed):
             states = pool.get(key)
             if states:
@@ -259,7 +278,7 @@ class RagspecProposer:
             drafters.append(DatastoreDrafter(self.index.datastore, None, self.spec, self._estimates["datastore"]))
         return drafters
 
-    def _draft(self, state: RequestState, min_score: float) -> list[int]:
+    def _draft(self, state: RequestState, min_score: float, factors: CalibrationFactors) -> list[int]:
         context = DraftContext(tokens=state.tokens.view(), max_nodes=self.spec.max_nodes)
         drafter_trees, trees = [], []
         for drafter in self._drafters_of(state):
@@ -271,29 +290,30 @@ class RagspecProposer:
         if not trees:
             return []
         tree = trees[0] if len(trees) == 1 else fuse(trees)
-        chain = best_chain(tree, self.budget.calibrated_scores(tree), self.k, min_score)
-        if not chain.num_nodes:
+        path = best_path(tree.parents.tolist(), self.budget.calibrated_score_list(tree, factors), self.k, min_score)
+        if not path:
             return []
-        state.proposal = Proposal(chain, drafter_trees)
-        return chain.token_ids.tolist()
+        chain = chain_of(tree, path)
+        tokens = chain.token_ids.tolist()
+        state.proposal = Proposal(chain, tokens, drafter_trees)
+        return tokens
 
     def _drafters_of(self, state: RequestState) -> list[ContinuationDrafter]:
         return state.drafters if self.past is None else [*state.drafters, self.past]
 
     def _learn(self, proposal: Proposal, sampled: list[int]) -> None:
         """What vLLM committed after our chain: its accepted drafts, then the bonus token."""
-        chain = proposal.chain
-        drafted = chain.token_ids.tolist()
-        accepted = 0
-        while accepted < min(len(sampled) - 1, len(drafted)) and sampled[accepted] == drafted[accepted]:
+        drafted = proposal.tokens
+        accepted, most = 0, min(len(sampled) - 1, len(drafted))
+        while accepted < most and sampled[accepted] == drafted[accepted]:
             accepted += 1
         step = StepResult(
-            tree=chain,
+            tree=proposal.chain,
             accept=AcceptResult(list(range(accepted)), sampled[:accepted], int(sampled[accepted])),
             logits=None,  # vLLM gives a proposer none; no drafter here reads them
             draft_s=0.0, verify_s=0.0,
         )
-        self.budget.observe(chain, list(range(accepted)), 0.0)
+        self.budget.observe(proposal.chain, list(range(accepted)), 0.0)
         for drafter, tree, buckets in proposal.drafter_trees:
             drafter._last_tree, drafter._last_buckets = tree, buckets
             drafter.observe(step)
@@ -339,31 +359,42 @@ class RagspecProposer:
         return PastResponsesDrafter(spec, max_tokens=settings.past_max_tokens, state_path=path)
 
 
-def best_chain(tree: DraftTree, scores: np.ndarray, max_length: int, min_score: float = 0.0) -> DraftTree:
+def best_chain(tree: DraftTree, scores: np.ndarray | list[float], max_length: int, min_score: float = 0.0) -> DraftTree:
     """The root path of at most `max_length` nodes with the largest summed `scores` (the expected
     accepted tokens of a chain), cut before the first node scored below `min_score`. The chain
     keeps the tree's raw scores and sources. `scores` [num_nodes], none above its parent's."""
     if not tree.num_nodes:
         return tree
-    parents = tree.parents.tolist()
-    values = scores.tolist()
+    values = scores.tolist() if isinstance(scores, np.ndarray) else list(scores)
+    path = best_path(tree.parents.tolist(), values, max_length, min_score)
+    return chain_of(tree, path) if path else DraftTree.empty()
+
+
+def best_path(parents: list[int], scores: list[float], max_length: int, min_score: float) -> list[int]:
+    """`best_chain`'s nodes, root first ([] when no node qualifies), on plain lists: one pass
+    top-down (parents come first), ties to the first (shallower or earlier) node."""
     depth: list[int] = []
     gain: list[float] = []
     usable: list[bool] = []
-    for node, parent in enumerate(parents):  # parents come first: one pass top-down
+    best, best_gain = ROOT, 0.0
+    for node, parent in enumerate(parents):
         top = parent == ROOT
         depth.append(1 if top else depth[parent] + 1)
-        gain.append(values[node] + (0.0 if top else gain[parent]))
-        usable.append(values[node] >= min_score and depth[node] <= max_length and (top or usable[parent]))
-    candidates = [node for node, ok in enumerate(usable) if ok]
-    if not candidates:
-        return DraftTree.empty()
-    node = max(candidates, key=gain.__getitem__)  # ties: the first (shallower or earlier) node
+        gain.append(scores[node] + (0.0 if top else gain[parent]))
+        ok = scores[node] >= min_score and depth[node] <= max_length and (top or usable[parent])
+        usable.append(ok)
+        if ok and (best == ROOT or gain[node] > best_gain):
+            best, best_gain = node, gain[node]
     path = []
-    while node != ROOT:
-        path.append(node)
-        node = parents[node]
+    while best != ROOT:
+        path.append(best)
+        best = parents[best]
     path.reverse()
+    return path
+
+
+def chain_of(tree: DraftTree, path: list[int]) -> DraftTree:
+    """The nodes `path` (root first) of `tree` as a chain, with their raw scores and sources."""
     return DraftTree(
         token_ids=tree.token_ids[path],
         parents=np.arange(len(path), dtype=np.int64) - 1,
