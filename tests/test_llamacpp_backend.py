@@ -237,3 +237,41 @@ def test_drafters_that_run_torch_layers_say_so_or_stay_off(llama_target):
     plain = engine.generate(prompt, max_new_tokens=12, speculative=False)
     assert with_draft.token_ids == plain.token_ids
     assert "rapid" not in with_draft.stats.accepted_per_source
+
+
+def test_load_probes_the_exact_row_count_and_caches_it(llama_target, monkeypatch):
+    """The probe at load found the largest verify size whose logits equal one-token decoding's:
+    a chain of that many rows matches sequential decoding here, one more row does not (where the
+    probe saw a switch below its limit), and a second load reads the cache instead of probing."""
+    from ragspec.backends import llamacpp_probe
+    from ragspec.backends.llamacpp import PROBE_LIMIT
+    from ragspec.models import cache_dir
+
+    found = llama_target.exact_rows
+    assert llama_target.max_tree_nodes == found.rows - 1 >= 1
+    assert all(diff <= llamacpp_probe.EXACT_TOLERANCE for rows, diff in found.checked.items() if rows <= found.rows)
+    assert found.rows == PROBE_LIMIT or found.checked[found.rows + 1] > llamacpp_probe.EXACT_TOLERANCE
+    # independently of the probe's own text: a greedy chain on another prompt
+    prompt = _prompt(llama_target)
+    rows = min(found.rows + 1, PROBE_LIMIT)
+    path = _greedy_path(llama_target, prompt, rows - 1)
+    reference = _sequential_logits(llama_target, prompt, path)
+    verifier = llama_target.new_verifier()
+    verifier.prefill(prompt)
+    for count in sorted({found.rows, rows}):
+        chain = _tree([(token, i - 1) for i, token in enumerate(path[: count - 1])])
+        difference = float((verifier.verify(prompt[-1], chain).logits - reference[:count]).abs().max())
+        verifier.discard()
+        print(f"{count} rows: max |diff| {difference:.3g}")
+        assert (difference <= LOGIT_TOLERANCE) == (count <= found.rows)
+    # cached per GGUF + build + CPU + threads: read back, a different key is not
+    cached = list((cache_dir() / "llamacpp").glob("exact-rows-*.json"))
+    assert len(cached) == 1
+    key = llamacpp_probe.probe_key(llama_target, min(PROBE_LIMIT, llama_target.options.n_batch))
+    assert llamacpp_probe._read(cached[0], {**key, "threads": [99, 99]}) is None
+
+    def no_probe(*args):
+        raise AssertionError("probed again instead of reading the cache")
+
+    monkeypatch.setattr(llamacpp_probe, "measure_exact_rows", no_probe)
+    assert llamacpp_probe.exact_rows(llama_target, min(PROBE_LIMIT, llama_target.options.n_batch)) == found

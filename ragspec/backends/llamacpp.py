@@ -41,11 +41,10 @@ from ragspec.types import ROOT, AcceptResult, DraftTree, VerifyOutput
 from ragspec.verify.verifier import KVPrefix
 
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
-# A decode of 64 rows or more takes another matmul path in llama.cpp (measured with 0.3.36 on the
-# embedded Q4_1 GGUF, a native build on an AVX-512 EPYC, not checked on AVX2-only builds: up to 63
-# rows every logit equals one-token decoding's, at 64 every row differs, by up to 1.3, with argmax
-# flips), so a verify holds the pending token + at most 62 nodes.
-MAX_EXACT_ROWS = 63
+# Rows a verify may hold: the pending token + SpecConfig's default max_nodes. How many of them give
+# logits equal to one-token decoding depends on the build and CPU (llama.cpp switches matmul kernels
+# by batch size): probed at load (ragspec.backends.llamacpp_probe), cached per GGUF, build, CPU, threads.
+PROBE_LIMIT = 65
 DEAD_SEQUENCE = MAX_SEQUENCES - 1  # holds verified tree rows until compaction (see LlamaCppVerifier.commit)
 MAX_BRANCHES = DEAD_SEQUENCE - 1  # branch sequences 1..MAX_BRANCHES: leaves a tree may have
 
@@ -113,7 +112,6 @@ class LlamaCppTarget:
     """A GGUF model loaded by llama.cpp: the TargetBackend protocol (ragspec.backends.base)."""
 
     backend = "llamacpp"
-    max_tree_nodes = MAX_EXACT_ROWS - 1
     device = torch.device("cpu")
 
     def __init__(self, path: Path, name: str, options: LlamaCppOptions):
@@ -131,6 +129,10 @@ class LlamaCppTarget:
         self._free: list[_Context] = []  # contexts no verifier holds, most recently released last
         self._lock = threading.Lock()
         self._llama = llama
+        from ragspec.backends.llamacpp_probe import exact_rows
+
+        self.exact_rows = exact_rows(self, min(PROBE_LIMIT, options.n_batch))
+        self.max_tree_nodes = self.exact_rows.rows - 1  # nodes a verify takes with exact logits
 
     def __del__(self):
         for context in getattr(self, "_free", []):
