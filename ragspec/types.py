@@ -30,6 +30,7 @@ class ModelDraws:
 
     probs: torch.Tensor  # [vocab] float32, the drafter's distribution at the parent (sampling applied)
     tokens: tuple[int, ...]  # [draws] distinct token ids, in the order they were drawn
+    source: str = ""  # the drafter that drew them, where one says so (RAPID's lossy transfer reads its q)
 
 
 @dataclass(frozen=True)

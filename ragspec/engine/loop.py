@@ -6,11 +6,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from ragspec.config import SamplingConfig
 from ragspec.drafting.base import DraftContext, Drafter
-from ragspec.drafting.tree import drop_implausible, fuse
+from ragspec.drafting.tree import drop_implausible, fuse, subtree
 from ragspec.engine.budget import NodeBudget
 from ragspec.engine.request import TARGET_SOURCE
 from ragspec.sampling import accept_greedy, accept_sampled
@@ -60,8 +61,13 @@ def decode_steps(
     only when the context window is full. With no drafters or no budget it is plain decoding.
     `verifier` may already hold a cached prefix of the prompt (see KVPrefix). `min_draft_prob`:
     SpecConfig.min_draft_prob (RASD pruning of the fused tree).
+
+    A drafter may carry a `lossy_target` (opt-in, LOSSY: RAPID's knowledge transfer): a callable
+    (tree, verify logits, sampling) -> (logits, sampling) that acceptance then uses instead of the
+    target's own. None (every built-in drafter's default) leaves the lossless path untouched.
     """
     target = verifier.target
+    shifts = [shift for drafter in drafters if (shift := getattr(drafter, "lossy_target", None)) is not None]
     prefilled, stats.cached_prompt_tokens = verifier.prefill_and_verify(list(prompt_ids))  # step 1, empty tree
     stats.prefill_s = prefilled.verify_s
     tokens = TokenBuffer(prompt_ids)
@@ -74,6 +80,9 @@ def decode_steps(
         pending_token = int(tokens.view()[-1])
         if prefilled is not None:  # its time is in stats.prefill_s, not in any step's
             tree, draft_s, verified, prefilled = DraftTree.empty(), 0.0, replace(prefilled, verify_s=0.0), None
+            if shifts:  # the first token is shifted too: the drafters' distributions at the root, no nodes
+                tree, draft_s = _draft(drafters, budget, tokens, target.context_length, stats, min_draft_prob)
+                tree = subtree(tree, np.zeros(tree.num_nodes, dtype=bool))
         else:
             # 1-2. propose and fuse, pruned to the budget
             tree, draft_s = _draft(drafters, budget, tokens, target.context_length, stats, min_draft_prob,
@@ -81,10 +90,13 @@ def decode_steps(
             # 3. verify the pending token + tree in one forward
             verified = verifier.verify(pending_token, tree)
         # 4. accept
-        if sampling.greedy:
-            accept = accept_greedy(tree, verified.logits)
+        accept_logits, accept_sampling = verified.logits, sampling
+        for shift in shifts:  # lossy, opt-in only
+            accept_logits, accept_sampling = shift(tree, accept_logits, accept_sampling)
+        if accept_sampling.greedy:
+            accept = accept_greedy(tree, accept_logits)
         else:
-            accept = accept_sampled(tree, verified.logits, sampling, generator)
+            accept = accept_sampled(tree, accept_logits, accept_sampling, generator)
         if budget is not None and verified.verify_s > 0:
             budget.observe(tree, accept.accepted_nodes, verified.verify_s)
         # 5. commit: keep the accepted path's KV; the bonus token becomes the pending token
