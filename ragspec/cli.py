@@ -175,6 +175,9 @@ def chat(system, model, dtype, device, draft_model, **options):
 @click.option("--rapid", is_flag=True,
               help="With --doc: also draft with RAPID (the model reading only the chunks closest to the question; "
                    "not a default drafter).")
+@click.option("--rapid-lossy-eta", "rapid_lossy_eta", default=0.0, type=click.FloatRange(min=0.0), show_default=True,
+              help="With --rapid: RAPID's knowledge transfer, LOSSY (answers are no longer the model's own): "
+                   "the model's distribution shifted toward the drafter's by this strength (the paper's eta, e.g. 10).")
 @click.option("--scope", type=click.Choice(["retrieved", "index"]), default="retrieved", show_default=True,
               help="Datastore drafting over the retrieved chunks only, or the whole index.")
 @click.option("--show-sources", is_flag=True, help="List the retrieved chunks after the answer.")
@@ -184,7 +187,7 @@ def chat(system, model, dtype, device, draft_model, **options):
 @_generation_options
 @library_errors
 def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype, device, draft_model, rapid,
-        **options):
+        rapid_lossy_eta, **options):
     """Answer QUESTIONS from an index (retrieve k chunks, draft from them) or from whole documents
     (--doc: the model reads all of it, later questions reuse the document's KV cache; with --rapid the
     RAPID drafter reads the chunks closest to the question). With --doc and no QUESTIONS, questions are read from
@@ -205,10 +208,20 @@ def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype,
 
         from ragspec.drafting.registry import default_drafters
 
-        spec = SpecConfig(drafters=(*default_drafters(), "rapid")) if rapid else None
+        if rapid_lossy_eta and not rapid:
+            raise click.UsageError("--rapid-lossy-eta shifts the answer toward RAPID's drafts: it needs --rapid")
+        spec = None
+        if rapid:
+            from ragspec.drafting.rapid import RapidConfig
+
+            spec = SpecConfig(drafters=(*default_drafters(), "rapid"),
+                              options=(RapidConfig(lossy_transfer_eta=rapid_lossy_eta),))
+            if rapid_lossy_eta:
+                click.echo(f"rapid: lossy knowledge transfer on (eta {rapid_lossy_eta:g}): answers may differ from "
+                           "the model's own", err=True)
         return ask_documents(lambda: _engine(model, dtype, device, draft_model, spec=spec), docs, questions, options,
                              chunks=k, stream_answer=_stream)
-    if rapid:
+    if rapid or rapid_lossy_eta:
         raise click.UsageError("--rapid drafts from a document's chunks: it needs --doc")
     if not questions:
         raise click.UsageError("missing QUESTIONS")

@@ -183,3 +183,19 @@ def test_sampling_with_the_transfer_draws_the_first_token_from_p_hat(tokenizer):
         steps.close()
     assert chi_square_p_value(counts, p_hat)[2] > PASS_P_VALUE
     assert chi_square_p_value(counts, p.double().numpy())[2] < 1e-6, "p^ too close to p: the test proves nothing"
+
+
+def test_the_cli_flag_needs_rapid_and_a_document(tmp_path):
+    from click.testing import CliRunner
+
+    from ragspec.cli import main
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The cat sat on the mat.", encoding="utf-8")
+    runner = CliRunner()
+    result = runner.invoke(main, ["ask", "--doc", str(doc), "--rapid-lossy-eta", "5", "Where?"])
+    assert result.exit_code == 2 and "needs --rapid" in result.output
+    result = runner.invoke(main, ["ask", "--index", "x", "--rapid-lossy-eta", "5", "Where?"])
+    assert result.exit_code == 2 and "needs --doc" in result.output
+    result = runner.invoke(main, ["ask", "--doc", str(doc), "--rapid", "--rapid-lossy-eta", "-1", "Where?"])
+    assert result.exit_code == 2
