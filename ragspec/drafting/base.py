@@ -193,7 +193,12 @@ class AcceptanceEstimate:
 
     def learn(self, tree: DraftTree, buckets: list, step: StepResult) -> None:
         """Update from one verify: buckets[i] is the bucket of the drafter's own node i."""
-        for node, right in tested_nodes(tree, target_continuation(step)):
+        self.learn_continuation(tree, buckets, target_continuation(step))
+
+    def learn_continuation(self, tree: DraftTree, buckets: list, continuation: list[int]) -> None:
+        """`learn`, given what the target produced after the pending token (accepted drafts, then
+        the bonus): the vLLM proposer sees only that, not a verify step."""
+        for node, right in tested_nodes(tree, continuation):
             self.update(buckets[node], 1, int(right))
 
     def update(self, bucket: object, tested: int, correct: int) -> None:

@@ -2,7 +2,8 @@
 
 For each n in NGRAM_SIZES, a dict from the hash of an n-gram to the positions right after its
 occurrences. Appending a token costs O(len(NGRAM_SIZES)); appending a 30k-token prompt is one
-vectorised hashing pass. Hash collisions are harmless: every match is re-checked token by token.
+vectorised hashing pass. Hash collisions are harmless: every match is re-checked token by token
+(one that makes a long n-gram look present where a shorter one is not is ignored).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class NgramIndex:
         self._prefix: list[int] = [0]
         # (n, BASE**n, its table) ascending: what a decode step's few new positions are filed under
         self._tables = [(n, _POWERS[n], self._followers[n]) for n in self.sizes]
+        self._last_keys: tuple[int, list[int]] = (-1, [])  # (position, _keys_at(position))
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -90,20 +92,28 @@ class NgramIndex:
             prefix.append(value)
 
     def _extend_small(self, start: int) -> None:
-        """extend() for a few new positions: each n-gram key from the prefix hashes (same values
-        as ngram_hashes), without numpy's per-call overhead."""
-        prefix = self._prefix
+        """extend() for a few new positions, in plain Python (numpy's per-call overhead would
+        cost more than the work)."""
         for position in range(max(start, 1), len(self._buffer)):
-            head = prefix[position]
-            for n, power, table in self._tables:
-                if n > position:
-                    break
-                key = (head - prefix[position - n] * power) & _MASK
+            for (_, _, table), key in zip(self._tables, self._keys_at(position)):
                 followers = table.get(key)
                 if followers is None:
                     table[key] = [position]
                 else:
                     followers.append(position)
+
+    def _keys_at(self, position: int) -> list[int]:
+        """The keys of the n-grams ending right before `position`, for each size that fits
+        (ascending), from the prefix hashes (same values as ngram_hashes). The last position
+        asked for is remembered: the context drafter looks up its suffix at the end, and the
+        next extend files that very position."""
+        if self._last_keys[0] == position:
+            return self._last_keys[1]
+        prefix = self._prefix
+        head = prefix[position]
+        keys = [(head - prefix[position - n] * power) & _MASK for n, power, _ in self._tables if n <= position]
+        self._last_keys = (position, keys)
+        return keys
 
     def matches(self, query: np.ndarray, max_results: int, max_match: int) -> tuple[np.ndarray, np.ndarray]:
         """Positions following earlier occurrences of query's suffix, longest match first (latest
@@ -115,33 +125,34 @@ class NgramIndex:
         """`matches` as Python lists: a decode step looks up a handful of positions, where numpy's
         per-call overhead would cost more than the work (the vLLM proposer does this per row)."""
         keys = suffix_hashes(query[-self.sizes[-1]:].tolist(), self.sizes)
-        return self._lookup(query, keys, max_results, max_match)
+        return self._lookup(query, list(keys.values()), max_results, max_match)
 
     def own_suffix_matches(self, max_results: int, max_match: int) -> tuple[list[int], list[int]]:
-        """`match_lists` of the index's own tokens (the context drafter's query): the suffix's
-        keys come from the prefix hashes, one multiply per n-gram size."""
-        prefix, end = self._prefix, len(self._buffer)
-        keys = {n: (prefix[end] - prefix[end - n] * _POWERS[n]) & _MASK for n in self.sizes if n <= end}
-        return self._lookup(self._buffer.view(), keys, max_results, max_match)
+        """`match_lists` of the index's own tokens (the context drafter's query), keyed from the
+        prefix hashes."""
+        return self._lookup(self._buffer.view(), self._keys_at(len(self._buffer)), max_results, max_match)
 
-    def _lookup(self, query: np.ndarray, keys: dict[int, int], max_results: int,
+    def _lookup(self, query: np.ndarray, keys: list[int], max_results: int,
                 max_match: int) -> tuple[list[int], list[int]]:
-        """Starts and true match lengths of the query whose suffix n-grams hash to `keys`."""
-        starts: list[int] = []
-        for n in reversed(self.sizes):
-            if len(starts) >= max_results:
-                break
-            if len(query) < n:
-                continue
-            followers = self._followers[n].get(keys[n])
+        """Starts and true match lengths of the query whose suffix n-grams hash to `keys` (one
+        per size that fits, ascending). An n-gram occurs only where its shorter suffixes do, so
+        the sizes are probed upwards until one misses, then collected longest first."""
+        occurrences: list[list[int]] = []
+        for (_, _, table), key in zip(self._tables, keys):
+            followers = table.get(key)
             if not followers:
-                continue
-            latest_first = reversed(followers[-max_results:])
+                break
+            occurrences.append(followers)
+        starts: list[int] = []
+        for followers in reversed(occurrences):
+            latest_first = followers[: -max_results - 1 : -1]
             if starts:
                 seen = set(starts)
                 starts.extend(p for p in latest_first if p not in seen)
             else:
-                starts.extend(latest_first)
+                starts = latest_first
+            if len(starts) >= max_results:
+                break
         del starts[max_results:]
         lengths = self._match_lengths(query, starts, max_match)
         if 0 in lengths:  # a hash collision: no match at all

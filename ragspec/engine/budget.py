@@ -212,15 +212,20 @@ class NodeBudget:
         """Learn from one verify: `tree` as verified (raw scores), the nodes the target accepted."""
         if self.curve.adapt:
             self._observe_latency(tree.num_nodes, seconds)
-        if len(set(tree.sources)) == 1:  # the common case (a chain, one drafter's tree): no masks
-            self._learn_source(tree.sources[0], float(tree.scores.sum()), float(len(set(accepted_nodes))))
+        self.observe_scores(tree.sources, tree.scores, accepted_nodes)
+
+    def observe_scores(self, sources: tuple[str, ...], scores: np.ndarray, accepted_nodes: list[int]) -> None:
+        """The calibration half of `observe`: the verified nodes' sources and raw scores [nodes]
+        (the vLLM proposer learns from chains it never builds as trees)."""
+        if len(set(sources)) == 1:  # the common case (a chain, one drafter's tree): no masks
+            self._learn_source(sources[0], float(scores.sum()), float(len(set(accepted_nodes))))
             return
-        sources = np.asarray(tree.sources)
-        accepted = np.zeros(tree.num_nodes, dtype=bool)
+        source_of = np.asarray(sources)
+        accepted = np.zeros(len(sources), dtype=bool)
         accepted[list(accepted_nodes)] = True
-        for source in set(tree.sources):
-            mine = sources == source
-            self._learn_source(source, float(tree.scores[mine].sum()), float(accepted[mine].sum()))
+        for source in set(sources):
+            mine = source_of == source
+            self._learn_source(source, float(scores[mine].sum()), float(accepted[mine].sum()))
 
     def _learn_source(self, source: str, predicted_now: float, accepted_now: float) -> None:
         """One step's summed scores and accepted nodes of `source`, into its moving averages."""

@@ -47,7 +47,7 @@ from ragspec.drafting.past_responses import PastResponsesDrafter
 from ragspec.drafting.tree import fuse
 from ragspec.engine.budget import LatencyCurve, NodeBudget
 from ragspec.errors import ConfigError
-from ragspec.types import ROOT, AcceptResult, DraftTree, StepResult, TokenBuffer
+from ragspec.types import ROOT, DraftTree, TokenBuffer
 from ragspec.vllm.step_cost import StepCost
 
 log = logging.getLogger(__name__)
@@ -99,15 +99,15 @@ class ProposerSettings:
 RowKey = tuple[int, bytes]  # (length, the row's first and last KEY_TOKENS tokens as int64 bytes)
 
 
-def row_keys(tokens: np.ndarray, lengths: np.ndarray) -> list[RowKey]:
-    """Each row's content key at its length: `tokens` [rows, width], `lengths` [rows]. One gather
-    for the whole batch (per-row slicing and hashing cost more than the rest of a step's work);
-    short rows' missing places hold -1, which no token id is. Exact bytes, so no collisions."""
-    offsets = np.arange(KEY_TOKENS)
+def row_keys(tokens: np.ndarray, rows: np.ndarray, lengths: np.ndarray) -> list[RowKey]:
+    """The content key of row `rows[i]` of `tokens` [rows, width] at length `lengths[i]`, for
+    every i. One gather for the whole batch (per-row slicing and hashing cost more than the rest
+    of a step's work); places past a short row's end hold -1, which no token id is. Exact bytes
+    rather than a hash: no collisions."""
+    offsets = np.arange(2 * KEY_TOKENS)  # the first KEY_TOKENS tokens, then the last KEY_TOKENS
     tail_start = np.maximum(lengths - KEY_TOKENS, 0)
-    columns = np.concatenate([np.broadcast_to(offsets, (len(lengths), KEY_TOKENS)),
-                              tail_start[:, None] + offsets[None, :]], axis=1)  # [rows, 2 * KEY_TOKENS]
-    window = np.take_along_axis(tokens, np.minimum(columns, tokens.shape[1] - 1), axis=1).astype(np.int64)
+    columns = np.where(offsets < KEY_TOKENS, offsets, (tail_start - KEY_TOKENS)[:, None] + offsets)
+    window = tokens[rows[:, None], np.minimum(columns, tokens.shape[1] - 1)].astype(np.int64)
     window[columns >= lengths[:, None]] = -1
     data, size = window.tobytes(), window.shape[1] * window.itemsize
     return [(length, data[i * size : (i + 1) * size]) for i, length in enumerate(lengths.tolist())]
@@ -130,9 +130,10 @@ class CalibrationFactors(dict):
 class Proposal:
     """What was proposed for a request last step, kept until the next step shows what was accepted."""
 
-    chain: DraftTree  # the chain sent to vLLM (raw scores, sources): what the budget learns from
-    tokens: list[int]  # its token ids
-    drafter_trees: list[tuple[ContinuationDrafter, DraftTree | None, list]]  # each drafter's own tree + buckets
+    tokens: list[int]  # the chain sent to vLLM
+    sources: tuple[str, ...]  # [len(tokens)] the drafter of each token ...
+    scores: np.ndarray  # [len(tokens)] ... and its raw score: what the budget learns from
+    drafter_trees: list[tuple[ContinuationDrafter, DraftTree, list]]  # each drafter's own tree + buckets
 
 
 @dataclass
@@ -203,7 +204,8 @@ class RagspecProposer:
         tokens = np.asarray(token_ids_cpu)[:num_rows]
         lengths = np.asarray(num_tokens_no_spec).reshape(-1)[:num_rows].astype(np.int64)
         before = np.maximum(lengths - np.fromiter(map(len, sampled_token_ids), np.int64, num_rows), 0)
-        keys_before, keys_after = row_keys(tokens, before), row_keys(tokens, lengths)
+        keys = row_keys(tokens, np.tile(np.arange(num_rows), 2), np.concatenate([before, lengths]))
+        keys_before, keys_after = keys[:num_rows], keys[num_rows:]
         previous, self._active = self._active, {}
         new_before = self.counts["new"] + self.counts["resumed"]
         rows = [self._match_row(previous, tokens[i], keys_before[i], keys_after[i], sampled)
@@ -283,19 +285,18 @@ class RagspecProposer:
         drafter_trees, trees = [], []
         for drafter in self._drafters_of(state):
             tree = drafter.propose(context)
-            # the past store is shared by every row: keep this row's tree for its own observe
-            drafter_trees.append((drafter, drafter._last_tree, drafter._last_buckets))
             if tree.num_nodes:
                 trees.append(tree)
+                # the past store is shared by every row: keep this row's tree for its own learning
+                drafter_trees.append((drafter, tree, drafter._last_buckets))
         if not trees:
             return []
         tree = trees[0] if len(trees) == 1 else fuse(trees)
         path = best_path(tree.parents.tolist(), self.budget.calibrated_score_list(tree, factors), self.k, min_score)
         if not path:
             return []
-        chain = chain_of(tree, path)
-        tokens = chain.token_ids.tolist()
-        state.proposal = Proposal(chain, tokens, drafter_trees)
+        tokens = tree.token_ids[path].tolist()
+        state.proposal = Proposal(tokens, tuple(tree.sources[i] for i in path), tree.scores[path], drafter_trees)
         return tokens
 
     def _drafters_of(self, state: RequestState) -> list[ContinuationDrafter]:
@@ -307,16 +308,10 @@ class RagspecProposer:
         accepted, most = 0, min(len(sampled) - 1, len(drafted))
         while accepted < most and sampled[accepted] == drafted[accepted]:
             accepted += 1
-        step = StepResult(
-            tree=proposal.chain,
-            accept=AcceptResult(list(range(accepted)), sampled[:accepted], int(sampled[accepted])),
-            logits=None,  # vLLM gives a proposer none; no drafter here reads them
-            draft_s=0.0, verify_s=0.0,
-        )
-        self.budget.observe(proposal.chain, list(range(accepted)), 0.0)
+        self.budget.observe_scores(proposal.sources, proposal.scores, list(range(accepted)))
+        continuation = [int(token) for token in sampled[: accepted + 1]]
         for drafter, tree, buckets in proposal.drafter_trees:
-            drafter._last_tree, drafter._last_buckets = tree, buckets
-            drafter.observe(step)
+            drafter.estimate.learn_continuation(tree, buckets, continuation)
 
     # ------------------------------------------------------------------ departures
 
