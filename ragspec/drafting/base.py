@@ -149,18 +149,18 @@ def judge_own_tree(tree: DraftTree, continuation: list[int]) -> tuple[np.ndarray
     """
     tested = np.zeros(tree.num_nodes, dtype=bool)
     correct = np.zeros(tree.num_nodes, dtype=bool)
-    for node, right in tested_nodes(tree, continuation):
+    for node, right in tested_nodes(tree.token_ids.tolist(), tree.parents.tolist(), continuation):
         tested[node], correct[node] = True, right
     return tested, correct
 
 
-def tested_nodes(tree: DraftTree, continuation: list[int]) -> list[tuple[int, bool]]:
-    """`judge_own_tree` as (node, correct) for each tested node, in node order: plain lists,
-    since a drafter learns from its own tree after every step."""
+def tested_nodes(tokens: list[int], parents: list[int], continuation: list[int]) -> list[tuple[int, bool]]:
+    """`judge_own_tree` of the tree `tokens`, `parents` as (node, correct) for each tested node,
+    in node order: plain lists, since a drafter learns from its own tree after every step."""
     depth: list[int] = []
     correct: list[bool] = []
     judged: list[tuple[int, bool]] = []
-    for node, (token, parent) in enumerate(zip(tree.token_ids.tolist(), tree.parents.tolist())):
+    for node, (token, parent) in enumerate(zip(tokens, parents)):
         if parent == ROOT:
             depth.append(1)
             parent_ok = True
@@ -193,12 +193,12 @@ class AcceptanceEstimate:
 
     def learn(self, tree: DraftTree, buckets: list, step: StepResult) -> None:
         """Update from one verify: buckets[i] is the bucket of the drafter's own node i."""
-        self.learn_continuation(tree, buckets, target_continuation(step))
+        self.learn_nodes(tree.token_ids.tolist(), tree.parents.tolist(), buckets, target_continuation(step))
 
-    def learn_continuation(self, tree: DraftTree, buckets: list, continuation: list[int]) -> None:
-        """`learn`, given what the target produced after the pending token (accepted drafts, then
-        the bonus): the vLLM proposer sees only that, not a verify step."""
-        for node, right in tested_nodes(tree, continuation):
+    def learn_nodes(self, tokens: list[int], parents: list[int], buckets: list, continuation: list[int]) -> None:
+        """`learn` for the tree `tokens`, `parents`, given what the target produced after the
+        pending token (accepted drafts, then the bonus): all the vLLM proposer sees."""
+        for node, right in tested_nodes(tokens, parents, continuation):
             self.update(buckets[node], 1, int(right))
 
     def update(self, bucket: object, tested: int, correct: int) -> None:

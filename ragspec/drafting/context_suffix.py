@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from ragspec.config import SpecConfig
 from ragspec.drafting.base import AcceptanceEstimate, DraftContext
-from ragspec.drafting.continuations import ContinuationDrafter, draft_depth
+from ragspec.drafting.continuations import ContinuationDrafter, ScoredTrie, draft_depth
 from ragspec.drafting.suffix_index import NGRAM_SIZES, NgramIndex
-from ragspec.types import DraftTree
 
 __all__ = ["NGRAM_SIZES", "ContextSuffixDrafter"]
 
@@ -28,16 +27,16 @@ class ContextSuffixDrafter(ContinuationDrafter):
         self.config = config or SpecConfig()
         self.index = NgramIndex()
 
-    def propose(self, context: DraftContext) -> DraftTree:
+    def propose_trie(self, context: DraftContext) -> ScoredTrie | None:
         tokens = context.tokens
         self.index.extend(tokens[len(self.index) :])
         if context.max_nodes <= 0:
-            return self.nothing()
+            return None
         if len(self.index) == len(tokens):  # always, unless a caller handed a shorter context
             starts, lengths = self.index.own_suffix_matches(self.config.max_occurrences, self.config.max_match)
         else:
             starts, lengths = self.index.match_lists(tokens, self.config.max_occurrences, self.config.max_match)
         if not starts:
-            return self.nothing()
+            return None
         depths = [draft_depth(match, self.config.max_depth) for match in lengths]
-        return self.tree_from(self.index.following_lists(starts, depths), lengths)
+        return self.score_trie(self.index.following_lists(starts, depths), lengths)

@@ -8,10 +8,11 @@ is shared here.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from ragspec.drafting.base import AcceptanceEstimate
+from ragspec.drafting.base import AcceptanceEstimate, DraftContext
 from ragspec.types import ROOT, DraftTree, StepResult
 
 # Prior P(draft token correct | parent correct) by match-length bucket, for a node every
@@ -49,8 +50,28 @@ def new_match_estimate() -> AcceptanceEstimate:
     )
 
 
+@dataclass
+class ScoredTrie:
+    """A drafter's continuations merged into a trie and scored, as plain lists (parents before
+    children): what the vLLM proposer chooses its chain from, for every row every step, where
+    building numpy arrays would cost more than the work. `tree()` is its DraftTree."""
+
+    source: str  # the drafter's name
+    tokens: list[int]  # [nodes]
+    parents: list[int]  # [nodes] ROOT or an earlier node
+    scores: list[float]  # [nodes] P(accepted), never above the parent's
+    buckets: list[tuple[int, int]]  # [nodes] (match bucket, share bucket): what learning updates
+
+    def tree(self) -> DraftTree:
+        return DraftTree(
+            token_ids=np.asarray(self.tokens, dtype=np.int64), parents=np.asarray(self.parents, dtype=np.int64),
+            scores=np.asarray(self.scores, dtype=np.float64), sources=(self.source,) * len(self.tokens),
+        )
+
+
 class ContinuationDrafter:
-    """Base for suffix-match drafters: subclasses find continuations, this scores and learns."""
+    """Base for suffix-match drafters: subclasses find continuations (`propose_trie`), this
+    scores them and learns."""
 
     name = "continuation"
 
@@ -59,8 +80,20 @@ class ContinuationDrafter:
         self._last_tree: DraftTree | None = None
         self._last_buckets: list[tuple[int, int]] = []
 
-    def tree_from(self, continuations: Sequence[Sequence[int] | np.ndarray],
-                  match_lengths: Sequence[int] | np.ndarray) -> DraftTree:
+    def propose(self, context: DraftContext) -> DraftTree:
+        trie = self.propose_trie(context)
+        if trie is None:
+            return self.nothing()
+        self._last_tree, self._last_buckets = trie.tree(), trie.buckets
+        return self._last_tree
+
+    def propose_trie(self, context: DraftContext) -> ScoredTrie | None:
+        """The scored trie (`score_trie`) of what followed the context's suffix; None when
+        nothing matched. Learning from it is the caller's (`estimate.learn_nodes`)."""
+        raise NotImplementedError
+
+    def score_trie(self, continuations: Sequence[Sequence[int] | np.ndarray],
+                   match_lengths: Sequence[int] | np.ndarray) -> ScoredTrie:
         """Weigh continuations in a trie (match length squared per occurrence), then score:
         P(node) = P(parent) * learned P(correct | parent correct) for its bucket: the match
         length it continues and the share of the parent's weight that goes on to its token.
@@ -86,12 +119,7 @@ class ContinuationDrafter:
             scores.append(parent_score * rate(bucket))
             buckets.append(bucket)
             depths.append(depth)
-        self._last_tree = DraftTree(
-            token_ids=np.asarray(tokens, dtype=np.int64), parents=np.asarray(parents, dtype=np.int64),
-            scores=np.asarray(scores, dtype=np.float64), sources=(self.name,) * len(tokens),
-        )
-        self._last_buckets = buckets
-        return self._last_tree
+        return ScoredTrie(self.name, tokens, parents, scores, buckets)
 
     @staticmethod
     def _weigh_trie(continuations: Sequence[Sequence[int] | np.ndarray], match_lengths: list[int]

@@ -11,8 +11,7 @@ import numpy as np
 
 from ragspec.config import SpecConfig
 from ragspec.drafting.base import AcceptanceEstimate, DraftContext
-from ragspec.drafting.continuations import ContinuationDrafter, draft_depth
-from ragspec.types import DraftTree
+from ragspec.drafting.continuations import ContinuationDrafter, ScoredTrie, draft_depth
 
 MIN_MATCH, MAX_MATCH = 2, 16
 
@@ -34,15 +33,15 @@ class DatastoreDrafter(ContinuationDrafter):
         self.allowed_ranges = allowed_ranges
         self.config = config or SpecConfig()
 
-    def propose(self, context: DraftContext) -> DraftTree:
+    def propose_trie(self, context: DraftContext) -> ScoredTrie | None:
         if context.max_nodes <= 0:
-            return self.nothing()
+            return None
         match, positions = self.datastore.longest_match(
             context.tokens, MIN_MATCH, MAX_MATCH, self.config.max_occurrences, self.allowed_ranges
         )
         if match == 0:
-            return self.nothing()
+            return None
         continuations = [c for c in self.datastore.following(positions, draft_depth(match, self.config.max_depth)) if len(c)]
         if not continuations:
-            return self.nothing()
-        return self.tree_from([np.asarray(c, dtype=np.int64) for c in continuations], np.full(len(continuations), match))
+            return None
+        return self.score_trie([np.asarray(c, dtype=np.int64) for c in continuations], np.full(len(continuations), match))

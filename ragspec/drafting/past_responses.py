@@ -20,9 +20,8 @@ import numpy as np
 
 from ragspec.config import SpecConfig
 from ragspec.drafting.base import DraftContext, load_state, save_state
-from ragspec.drafting.continuations import ContinuationDrafter, draft_depth
+from ragspec.drafting.continuations import ContinuationDrafter, ScoredTrie, draft_depth
 from ragspec.drafting.suffix_index import SEPARATOR, NgramIndex
-from ragspec.types import DraftTree
 
 
 log = logging.getLogger(__name__)
@@ -65,16 +64,16 @@ class PastResponsesDrafter(ContinuationDrafter):
         for response in self._responses:
             self.index.extend(np.concatenate([[SEPARATOR], response[-(self.max_tokens // 2) :]]))
 
-    def propose(self, context: DraftContext) -> DraftTree:
+    def propose_trie(self, context: DraftContext) -> ScoredTrie | None:
         if not len(self.index) or context.max_nodes <= 0:
-            return self.nothing()
+            return None
         starts, lengths = self.index.match_lists(context.tokens, self.config.max_occurrences, self.config.max_match)
         depths = [draft_depth(match, self.config.max_depth) for match in lengths]
         continuations = self.index.following_lists(starts, depths)
         keep = [i for i, c in enumerate(continuations) if c]
         if not keep:
-            return self.nothing()
-        return self.tree_from([continuations[i] for i in keep], [lengths[i] for i in keep])
+            return None
+        return self.score_trie([continuations[i] for i in keep], [lengths[i] for i in keep])
 
     def finish_request(self, prompt_ids, generated_ids) -> None:
         """Store the answer behind the end of its prompt, so the same question asked again

@@ -22,6 +22,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -154,8 +155,7 @@ class NodeBudget:
         computed once for many trees (the vLLM proposer scores a tree per row, between learns)."""
         if factor_of is None:
             factor_of = {source: self.calibration(source) for source in set(tree.sources)}  # a few sources, many nodes
-        scaled = [min(1.0, score * factor_of[source]) for score, source in zip(tree.scores.tolist(), tree.sources)]
-        return monotone_score_list(scaled, tree.parents.tolist())
+        return calibrate(tree.scores.tolist(), tree.sources, tree.parents.tolist(), factor_of)
 
     def select(self, tree: DraftTree, limit: int | None = None, explore: bool = False) -> DraftTree:
         """The best nodes worth verifying, by calibrated score (the tree keeps its raw scores)."""
@@ -214,13 +214,14 @@ class NodeBudget:
             self._observe_latency(tree.num_nodes, seconds)
         self.observe_scores(tree.sources, tree.scores, accepted_nodes)
 
-    def observe_scores(self, sources: tuple[str, ...], scores: np.ndarray, accepted_nodes: list[int]) -> None:
+    def observe_scores(self, sources: tuple[str, ...], scores: np.ndarray | list[float],
+                       accepted_nodes: list[int]) -> None:
         """The calibration half of `observe`: the verified nodes' sources and raw scores [nodes]
         (the vLLM proposer learns from chains it never builds as trees)."""
         if len(set(sources)) == 1:  # the common case (a chain, one drafter's tree): no masks
-            self._learn_source(sources[0], float(scores.sum()), float(len(set(accepted_nodes))))
+            self._learn_source(sources[0], float(np.sum(scores)), float(len(set(accepted_nodes))))
             return
-        source_of = np.asarray(sources)
+        scores, source_of = np.asarray(scores, dtype=np.float64), np.asarray(sources)
         accepted = np.zeros(len(sources), dtype=bool)
         accepted[list(accepted_nodes)] = True
         for source in set(sources):
@@ -244,6 +245,14 @@ class NodeBudget:
         else:
             self._tree_ratio[bucket] = ema(self._tree_ratio.get(bucket), ratio, LATENCY_EMA)
             self._since_plain, self._since_tree = self._since_plain + 1, 0
+
+
+def calibrate(scores: list[float], sources: Sequence[str], parents: list[int],
+              factor_of: Mapping[str, float]) -> list[float]:
+    """Each raw score times its source's calibration factor (`factor_of`), capped at 1 and at
+    its parent's: `NodeBudget.calibrated_scores` on plain lists."""
+    scaled = [min(1.0, score * factor_of[source]) for score, source in zip(scores, sources)]
+    return monotone_score_list(scaled, parents)
 
 
 def load_or_measure_curve(target: LoadedModel, rows: tuple[int, ...] = PROFILE_ROWS) -> LatencyCurve:

@@ -39,13 +39,13 @@ from typing import Any
 import numpy as np
 
 from ragspec.config import SpecConfig
-from ragspec.drafting.base import DraftContext
+from ragspec.drafting.base import AcceptanceEstimate, DraftContext
 from ragspec.drafting.context_suffix import ContextSuffixDrafter
-from ragspec.drafting.continuations import ContinuationDrafter, new_match_estimate
+from ragspec.drafting.continuations import ContinuationDrafter, ScoredTrie, new_match_estimate
 from ragspec.drafting.datastore import DatastoreDrafter
 from ragspec.drafting.past_responses import PastResponsesDrafter
 from ragspec.drafting.tree import fuse
-from ragspec.engine.budget import LatencyCurve, NodeBudget
+from ragspec.engine.budget import LatencyCurve, NodeBudget, calibrate
 from ragspec.errors import ConfigError
 from ragspec.types import ROOT, DraftTree, TokenBuffer
 from ragspec.vllm.step_cost import StepCost
@@ -132,8 +132,8 @@ class Proposal:
 
     tokens: list[int]  # the chain sent to vLLM
     sources: tuple[str, ...]  # [len(tokens)] the drafter of each token ...
-    scores: np.ndarray  # [len(tokens)] ... and its raw score: what the budget learns from
-    drafter_trees: list[tuple[ContinuationDrafter, DraftTree, list]]  # each drafter's own tree + buckets
+    scores: list[float]  # [len(tokens)] ... and its raw score: what the budget learns from
+    tries: list[tuple[AcceptanceEstimate, ScoredTrie]]  # each drafter's own trie, and the estimate learning from it
 
 
 @dataclass
@@ -281,23 +281,25 @@ class RagspecProposer:
         return drafters
 
     def _draft(self, state: RequestState, min_score: float, factors: CalibrationFactors) -> list[int]:
+        """The best chain of the row's drafters' tries fused (most rows have one trie or none:
+        then no DraftTree is built), remembered for learning from the next step."""
         context = DraftContext(tokens=state.tokens.view(), max_nodes=self.spec.max_nodes)
-        drafter_trees, trees = [], []
-        for drafter in self._drafters_of(state):
-            tree = drafter.propose(context)
-            if tree.num_nodes:
-                trees.append(tree)
-                # the past store is shared by every row: keep this row's tree for its own learning
-                drafter_trees.append((drafter, tree, drafter._last_buckets))
-        if not trees:
+        tries = [(drafter.estimate, trie) for drafter in self._drafters_of(state)
+                 if (trie := drafter.propose_trie(context)) is not None and trie.tokens]
+        if not tries:
             return []
-        tree = trees[0] if len(trees) == 1 else fuse(trees)
-        path = best_path(tree.parents.tolist(), self.budget.calibrated_score_list(tree, factors), self.k, min_score)
+        if len(tries) == 1:
+            trie = tries[0][1]
+            tokens, parents, raw, sources = trie.tokens, trie.parents, trie.scores, (trie.source,) * len(trie.tokens)
+        else:
+            tree = fuse([trie.tree() for _, trie in tries])
+            tokens, parents, raw, sources = tree.token_ids.tolist(), tree.parents.tolist(), tree.scores.tolist(), tree.sources
+        path = best_path(parents, calibrate(raw, sources, parents, factors), self.k, min_score)
         if not path:
             return []
-        tokens = tree.token_ids[path].tolist()
-        state.proposal = Proposal(tokens, tuple(tree.sources[i] for i in path), tree.scores[path], drafter_trees)
-        return tokens
+        chain = [tokens[node] for node in path]
+        state.proposal = Proposal(chain, tuple(sources[node] for node in path), [raw[node] for node in path], tries)
+        return chain
 
     def _drafters_of(self, state: RequestState) -> list[ContinuationDrafter]:
         return state.drafters if self.past is None else [*state.drafters, self.past]
@@ -310,8 +312,8 @@ class RagspecProposer:
             accepted += 1
         self.budget.observe_scores(proposal.sources, proposal.scores, list(range(accepted)))
         continuation = [int(token) for token in sampled[: accepted + 1]]
-        for drafter, tree, buckets in proposal.drafter_trees:
-            drafter.estimate.learn_continuation(tree, buckets, continuation)
+        for estimate, trie in proposal.tries:
+            estimate.learn_nodes(trie.tokens, trie.parents, trie.buckets, continuation)
 
     # ------------------------------------------------------------------ departures
 
