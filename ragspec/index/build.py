@@ -51,7 +51,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-BATCH_CHUNKS = 2048  # chunks cut, embedded and written per batch: what bounds a build's memory
+BATCH_TOKENS = 1 << 16  # target tokens cut, embedded and written per batch: what bounds a build's memory
 
 
 @dataclass
@@ -61,16 +61,18 @@ class _Batch:
 
 
 def _batches(documents: Iterator[Document], tokenizer, chunk_tokens: int, overlap_tokens: int,
-             batch_chunks: int = BATCH_CHUNKS) -> Iterator[_Batch]:
-    """Documents cut into chunks, grouped into batches of about `batch_chunks` chunks."""
-    batch = _Batch([], [])
+             batch_tokens: int = BATCH_TOKENS) -> Iterator[_Batch]:
+    """Documents cut into chunks, grouped into batches of about `batch_tokens` chunk tokens (a
+    batch holds its documents whole: one document larger than that is one batch)."""
+    batch, size = _Batch([], []), 0
     for document in documents:
-        batch.chunks.extend(chunk_document(len(batch.documents), document.text, tokenizer, chunk_tokens,
-                                           overlap_tokens))
+        chunks = chunk_document(len(batch.documents), document.text, tokenizer, chunk_tokens, overlap_tokens)
+        batch.chunks.extend(chunks)
         batch.documents.append(document)
-        if len(batch.chunks) >= batch_chunks:
+        size += sum(len(c.token_ids) for c in chunks)
+        if size >= batch_tokens:
             yield batch
-            batch = _Batch([], [])
+            batch, size = _Batch([], []), 0
     if batch.documents:
         yield batch
 
@@ -258,7 +260,7 @@ def build_index(paths: list[Path], name: str, *, home=None, tokenizer=None,
     """Build index `name` from files/directories; replaces an existing one only when complete.
 
     Streams: files are read one at a time (JSONL line by line) and cut, embedded and written in
-    batches of BATCH_CHUNKS chunks, so memory does not grow with the corpus beyond the suffix
+    batches of BATCH_TOKENS tokens, so memory does not grow with the corpus beyond the suffix
     array construction (8 bytes/token) and a memory-resident dense index (see
     ragspec.index.stream). `on_disk=True` (an IVF `faiss_factory`) keeps the dense index's
     inverted lists on disk. `tokenizer`: the target model's HF tokenizer (None: load the one of
