@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import BOOK
+
 from ragspec.index import add_to_index, build_index, verify_index
 from ragspec.index.datastore import build_suffix_array
 
@@ -110,8 +110,7 @@ def test_suffix_array_from_a_file_equals_the_one_from_the_array(tmp_path):
 def test_on_disk_ivf_build_add_verify_and_search(tmp_path, tokenizer, static_embedder, monkeypatch):
     """IVF lists merged from several shards into dense.ivfdata; `add` writes a new version from the
     old lists and new shards, never touching the old files; rows stay chunk ids."""
-    import ragspec.index.stream as stream
-    from ragspec.index import store
+    from ragspec.index import store, stream
 
     monkeypatch.setattr(stream, "SHARD_VECTORS", 64)  # several shards even on a small corpus
     paragraphs = [p for p in BOOK.read_text(encoding="utf-8").split("\n\n") if len(p) > 200]

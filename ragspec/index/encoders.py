@@ -235,15 +235,17 @@ def c_stdout_silenced():
 
 def on_gpu_if_available(index):
     """Move the index to the GPUs when FAISS was built with GPU support (the [gpu] extra) and a
-    GPU is present; otherwise, or for index types FAISS cannot move (HNSW), keep it on the CPU."""
+    GPU is present; otherwise, or for index types FAISS cannot move (HNSW), or an index whose
+    lists do not fit in GPU memory (an on-disk IVF larger than the card), keep it on the CPU.
+    An on-disk IVF index that fits is copied to the GPU whole (its lists read from the map)."""
     import faiss
 
-    if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
-        return index
     try:
+        if not hasattr(faiss, "index_cpu_to_all_gpus") or faiss.get_num_gpus() == 0:
+            return index
         return faiss.index_cpu_to_all_gpus(index)
-    except RuntimeError as exc:
-        log.info("FAISS index stays on the CPU: %s", str(exc).strip().splitlines()[-1])
+    except (RuntimeError, MemoryError) as exc:  # no CUDA driver, unsupported type, out of GPU memory
+        log.info("FAISS index stays on the CPU: %s", (str(exc).strip().splitlines() or [type(exc).__name__])[-1])
         return index
 
 
