@@ -111,7 +111,10 @@ class NgramIndex:
             return self._last_keys[1]
         prefix = self._prefix
         head = prefix[position]
-        keys = [(head - prefix[position - n] * power) & _MASK for n, power, _ in self._tables if n <= position]
+        if position >= self.sizes[-1]:  # every size fits (always, after the first tokens)
+            keys = [(head - prefix[position - n] * power) & _MASK for n, power, _ in self._tables]
+        else:
+            keys = [(head - prefix[position - n] * power) & _MASK for n, power, _ in self._tables if n <= position]
         self._last_keys = (position, keys)
         return keys
 

@@ -219,7 +219,8 @@ class NodeBudget:
         """The calibration half of `observe`: the verified nodes' sources and raw scores [nodes]
         (the vLLM proposer learns from chains it never builds as trees)."""
         if len(set(sources)) == 1:  # the common case (a chain, one drafter's tree): no masks
-            self._learn_source(sources[0], float(np.sum(scores)), float(len(set(accepted_nodes))))
+            self._learn_source(sources[0], float(np.add.reduce(np.asarray(scores, dtype=np.float64))),
+                               float(len(set(accepted_nodes))))
             return
         scores, source_of = np.asarray(scores, dtype=np.float64), np.asarray(sources)
         accepted = np.zeros(len(sources), dtype=bool)

@@ -204,7 +204,8 @@ class RagspecProposer:
         tokens = np.asarray(token_ids_cpu)[:num_rows]
         lengths = np.asarray(num_tokens_no_spec).reshape(-1)[:num_rows].astype(np.int64)
         before = np.maximum(lengths - np.fromiter(map(len, sampled_token_ids), np.int64, num_rows), 0)
-        keys = row_keys(tokens, np.tile(np.arange(num_rows), 2), np.concatenate([before, lengths]))
+        row_ids = np.arange(num_rows)
+        keys = row_keys(tokens, np.concatenate([row_ids, row_ids]), np.concatenate([before, lengths]))
         keys_before, keys_after = keys[:num_rows], keys[num_rows:]
         previous, self._active = self._active, {}
         new_before = self.counts["new"] + self.counts["resumed"]
