@@ -146,3 +146,15 @@ def test_cli_build_prints_time_and_peak_memory(tmp_path, static_embedder):
     bad = CliRunner().invoke(main, ["index", "build", str(tmp_path / "a.txt"), "--name", "b", "--home",
                                     str(tmp_path / "home"), "--embedder", static_embedder, "--on-disk", "--quiet"])
     assert bad.exit_code != 0 and "IVF" in bad.output
+
+
+def test_recipe_dense_on_disk(tmp_path):
+    from ragspec.errors import ConfigError
+    from ragspec.index.recipe import load_recipe
+
+    recipe = tmp_path / "big.toml"
+    recipe.write_text('name = "big"\npaths = ["docs/"]\nfaiss = "IVF4096,Flat"\ndense_on_disk = true\n')
+    assert load_recipe(recipe).dense_on_disk is True
+    recipe.write_text('name = "big"\npaths = ["docs/"]\ndense_on_disk = "yes"\n')
+    with pytest.raises(ConfigError, match="dense_on_disk must be true or false"):
+        load_recipe(recipe)
