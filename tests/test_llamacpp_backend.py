@@ -275,3 +275,23 @@ def test_load_probes_the_exact_row_count_and_caches_it(llama_target, monkeypatch
 
     monkeypatch.setattr(llamacpp_probe, "measure_exact_rows", no_probe)
     assert llamacpp_probe.exact_rows(llama_target, min(PROBE_LIMIT, llama_target.options.n_batch)) == found
+
+
+def test_divergence_gap_is_read_on_llamacpp_greedys_own_path(llama_target):
+    """bench.llamacpp_check.top2_gap judges a divergence on the logits llamacpp-greedy saw: the
+    prompt decoded in n_batch chunks with its last token inside the last chunk (a chunk of 64 rows
+    or more rounds differently from one-token decoding), as llama_cpp.Llama evaluates it."""
+    import llama_cpp
+
+    from ragspec.backends.llamacpp_probe import PROBE_TEXT
+    from ragspec.bench.llamacpp_check import top2_gap
+
+    ids = llama_target.tokenizer(PROBE_TEXT).input_ids[:150]  # one chunk of 150 rows
+    llama = llama_cpp.Llama(model_path=str(llama_target.path), n_ctx=512, flash_attn=True, verbose=False)
+    llama.eval(ids)
+    logits = torch.from_numpy(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llama.ctx),
+                                                    shape=(llama_target.vocab_size,)).copy())
+    top = logits.topk(2)
+    gap, token = top2_gap(llama_target, ids, [])
+    assert token == int(top.indices[0])
+    assert gap == pytest.approx(float(top.values[0] - top.values[1]), abs=1e-6)

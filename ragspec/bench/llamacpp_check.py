@@ -35,15 +35,15 @@ class LlamaDivergence:
 
 
 def top2_gap(target, prompt_ids: list[int], agreed: list[int]) -> tuple[float, int]:
-    """llama.cpp's top-2 logit gap and argmax after `prompt_ids + agreed`, one token at a time."""
+    """llama.cpp's top-2 logit gap and argmax after `prompt_ids + agreed`, computed as
+    llamacpp-greedy computes them: the whole prompt in n_batch chunks (its last token inside the
+    last chunk: a chunk of 64 rows or more takes llama.cpp's other matmul path, whose logits and
+    KV differ from one-token decoding's), then one token at a time."""
     verifier = target.new_verifier()
-    verifier.prefill(list(prompt_ids))
-    pending = prompt_ids[-1]
+    logits = verifier.prefill_and_verify(list(prompt_ids))[0].logits[0]
     for token in agreed:
-        verifier.verify(pending, DraftTree.empty())
         verifier.commit(AcceptResult([], [], token))
-        pending = token
-    logits = verifier.verify(pending, DraftTree.empty()).logits[0]
+        logits = verifier.verify(token, DraftTree.empty()).logits[0]
     top = logits.topk(2)
     return float(top.values[0] - top.values[1]), int(top.indices[0])
 
