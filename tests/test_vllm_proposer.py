@@ -280,3 +280,62 @@ def test_step_cost_sets_the_score_a_draft_token_needs():
     for _ in range(200):
         flat.observe(int(rng.integers(16, 48)), 20, 0.030)  # verify rows cost nothing extra
     assert flat.min_score(0.15) == pytest.approx(0.0, abs=1e-6)
+
+
+class TreePathProposer(RagspecProposer):
+    """The proposer drafting through DraftTrees, as ragspec's engine does (each drafter's
+    `propose`, `fuse`, `NodeBudget.calibrated_scores`, `best_chain`): the list-based fast path
+    must choose exactly the same chains."""
+
+    def _draft(self, state, min_score, factors):
+        from ragspec.drafting.base import DraftContext
+        from ragspec.drafting.continuations import ScoredTrie
+        from ragspec.drafting.tree import fuse
+        from ragspec.vllm.proposer import Proposal
+
+        context = DraftContext(tokens=state.tokens.view(), max_nodes=self.spec.max_nodes)
+        trees, tries = [], []
+        for drafter in self._drafters_of(state):
+            tree = drafter.propose(context)
+            if tree.num_nodes:
+                trees.append(tree)
+                tries.append((drafter.estimate, ScoredTrie(drafter.name, tree.token_ids.tolist(), tree.parents.tolist(),
+                                                           tree.scores.tolist(), drafter._last_buckets)))
+        if not trees:
+            return []
+        tree = trees[0] if len(trees) == 1 else fuse(trees)
+        chain = best_chain(tree, self.budget.calibrated_scores(tree), self.k, min_score)
+        if not chain.num_nodes:
+            return []
+        state.proposal = Proposal(chain.token_ids.tolist(), chain.sources, chain.scores.tolist(), tries)
+        return chain.token_ids.tolist()
+
+
+def test_fast_path_drafts_what_the_tree_path_drafts():
+    """Same batch, same steps (rows moving, a preemption, repeated questions so that the past
+    store and fusing take part): every step's drafts are identical."""
+    def run(cls) -> list:
+        p = cls(settings=ProposerSettings(adaptive=False, min_score=0.05), num_speculative_tokens=5)
+        sim = BatchSim(p, k=5, max_num_reqs=3, max_model_len=512)
+        queue = [copying_request(i % 3, repeats=3 + i % 2) for i in range(7)] + [random_request(1)]
+        log, step, preempted = [], 0, None
+        while queue or sim.running or preempted:
+            while queue and len(sim.running) < 3:
+                sim.add(queue.pop(0))
+            if preempted is not None and len(sim.running) < 3:
+                sim.add(preempted)
+                preempted = None
+            log.append(sim.step())
+            step += 1
+            if step % 3 == 0 and len(sim.running) >= 2:
+                sim.swap(0, len(sim.running) - 1)
+            if step == 7 and preempted is None and len(sim.running) >= 2:
+                preempted = sim.running[1]
+                sim.remove(preempted)
+        return log, p
+
+    fast, fast_proposer = run(RagspecProposer)
+    tree_path, _ = run(TreePathProposer)
+    assert fast == tree_path
+    assert fast_proposer.counts["resumed"] == 1 and fast_proposer.past.num_responses >= 3
+    assert sum(len(d) for step in fast for d in step) > 50
