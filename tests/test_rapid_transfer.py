@@ -102,7 +102,7 @@ def test_eta_zero_changes_nothing_and_eta_above_zero_changes_greedy_answers(toke
         plain = off.generate(prompt, max_new_tokens=16, speculative=False)
         assert off.generate(prompt, max_new_tokens=16, draft_prompt=draft).token_ids == plain.token_ids
         lossy = on.generate(prompt, max_new_tokens=16, draft_prompt=draft)
-        assert lossy.stats.drafted_per_source.get("rapid", 0) > 0 or lossy.stats.num_draft_tokens == 0
+        assert lossy.stats.num_draft_tokens > 0  # the drafter ran: its q was there to shift toward
         changed += lossy.token_ids != plain.token_ids
     assert changed > 0, "eta > 0 changed no answer: the test proves nothing"
 
