@@ -27,7 +27,7 @@ demo: $(STAMP)
 # Two worker processes (pytest-xdist): the real-model tests are single-threaded, so two cores
 # run two of them at once (16.9 -> 9.2 min on a 2-core CPU).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra -n 2 tests
+	$(PY) -m pytest -q -ra -n 2 --durations=15 tests
 
 bench: $(STAMP)
 	$(VENV)/bin/ragspec bench --data-dir $(DATA_DIR) --json bench-results/report.json
