@@ -139,13 +139,16 @@ class NgramIndex:
                 max_match: int) -> tuple[list[int], list[int]]:
         """Starts and true match lengths of the query whose suffix n-grams hash to `keys` (one
         per size that fits, ascending). An n-gram occurs only where its shorter suffixes do, so
-        the sizes are probed upwards until one misses, then collected longest first."""
+        the sizes are probed upwards until one misses or holds a single position, then collected
+        longest first."""
         occurrences: list[list[int]] = []
         for (_, _, table), key in zip(self._tables, keys):
             followers = table.get(key)
             if not followers:
                 break
             occurrences.append(followers)
+            if len(followers) == 1:  # a longer n-gram can only occur there too: it comes first either way
+                break
         starts: list[int] = []
         for followers in reversed(occurrences):
             latest_first = followers[: -max_results - 1 : -1]
