@@ -64,10 +64,13 @@ class PastResponsesDrafter(ContinuationDrafter):
         for response in self._responses:
             self.index.extend(np.concatenate([[SEPARATOR], response[-(self.max_tokens // 2) :]]))
 
-    def propose_trie(self, context: DraftContext) -> ScoredTrie | None:
+    def propose_trie(self, context: DraftContext, suffix_keys: list[int] | None = None) -> ScoredTrie | None:
+        """`suffix_keys`: the context's suffix n-gram keys when a request's own NgramIndex has
+        them (`NgramIndex.own_suffix_keys`): the vLLM proposer saves hashing them again per row."""
         if not len(self.index) or context.max_nodes <= 0:
             return None
-        starts, lengths = self.index.match_lists(context.tokens, self.config.max_occurrences, self.config.max_match)
+        starts, lengths = self.index.match_lists(context.tokens, self.config.max_occurrences, self.config.max_match,
+                                                 suffix_keys)
         depths = [draft_depth(match, self.config.max_depth) for match in lengths]
         continuations = self.index.following_lists(starts, depths)
         keep = [i for i, c in enumerate(continuations) if c]

@@ -124,11 +124,20 @@ class NgramIndex:
         starts, lengths = self.match_lists(query, max_results, max_match)
         return np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
 
-    def match_lists(self, query: np.ndarray, max_results: int, max_match: int) -> tuple[list[int], list[int]]:
+    def match_lists(self, query: np.ndarray, max_results: int, max_match: int,
+                    keys: list[int] | None = None) -> tuple[list[int], list[int]]:
         """`matches` as Python lists: a decode step looks up a handful of positions, where numpy's
-        per-call overhead would cost more than the work (the vLLM proposer does this per row)."""
-        keys = suffix_hashes(query[-self.sizes[-1]:].tolist(), self.sizes)
-        return self._lookup(query, list(keys.values()), max_results, max_match)
+        per-call overhead would cost more than the work (the vLLM proposer does this per row).
+        `keys`: the query's suffix keys when already known (`own_suffix_keys()` of an index with
+        the same sizes whose tokens are the query): not hashed again."""
+        if keys is None:
+            keys = list(suffix_hashes(query[-self.sizes[-1]:].tolist(), self.sizes).values())
+        return self._lookup(query, keys, max_results, max_match)
+
+    def own_suffix_keys(self) -> list[int]:
+        """The keys of the n-grams that end the index's tokens, one per size that fits (ascending):
+        `match_lists`' keys for those tokens as the query, in another index with the same sizes."""
+        return self._keys_at(len(self._buffer))
 
     def own_suffix_matches(self, max_results: int, max_match: int) -> tuple[list[int], list[int]]:
         """`match_lists` of the index's own tokens (the context drafter's query), keyed from the

@@ -285,8 +285,12 @@ class RagspecProposer:
         """The best chain of the row's drafters' tries fused (most rows have one trie or none:
         then no DraftTree is built), remembered for learning from the next step."""
         context = DraftContext(tokens=state.tokens.view(), max_nodes=self.spec.max_nodes)
-        tries = [(drafter.estimate, trie) for drafter in self._drafters_of(state)
+        tries = [(drafter.estimate, trie) for drafter in state.drafters
                  if (trie := drafter.propose_trie(context)) is not None and trie.tokens]
+        if self.past is not None:
+            trie = self.past.propose_trie(context, self._suffix_keys(state, context))
+            if trie is not None and trie.tokens:
+                tries.append((self.past.estimate, trie))
         if not tries:
             return []
         if len(tries) == 1:
@@ -304,6 +308,16 @@ class RagspecProposer:
 
     def _drafters_of(self, state: RequestState) -> list[ContinuationDrafter]:
         return state.drafters if self.past is None else [*state.drafters, self.past]
+
+    def _suffix_keys(self, state: RequestState, context: DraftContext) -> list[int] | None:
+        """The row's suffix n-gram keys, from its context index (which just looked them up)
+        when it holds the row's tokens and shares the past store's n-gram sizes."""
+        for drafter in state.drafters:
+            if isinstance(drafter, ContextSuffixDrafter):
+                index = drafter.index
+                if len(index) == len(context.tokens) and index.sizes == self.past.index.sizes:
+                    return index.own_suffix_keys()
+        return None
 
     def _learn(self, proposal: Proposal, sampled: list[int]) -> None:
         """What vLLM committed after our chain: its accepted drafts, then the bonus token."""
