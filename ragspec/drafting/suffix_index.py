@@ -8,6 +8,8 @@ vectorised hashing pass. Hash collisions are harmless: every match is re-checked
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 
 from ragspec.types import TokenBuffer
@@ -47,7 +49,8 @@ def suffix_hashes(tokens: list[int], sizes: tuple[int, ...]) -> dict[int, int]:
 class NgramIndex:
     def __init__(self, sizes: tuple[int, ...] = NGRAM_SIZES):
         self.sizes = tuple(sorted(sizes))
-        self._followers: dict[int, dict[int, list[int]]] = {n: {} for n in self.sizes}
+        # defaultdicts: filing a position is one `table[key].append(position)`; lookups use .get()
+        self._followers: dict[int, defaultdict[int, list[int]]] = {n: defaultdict(list) for n in self.sizes}
         self._buffer = TokenBuffer([])
         # _prefix[i]: the hash of tokens[:i] (sum of token[j] * BASE**(i - 1 - j)), so the hash of
         # tokens[p - n : p] is _prefix[p] - _prefix[p - n] * BASE**n: a step's new positions cost
@@ -78,11 +81,7 @@ class NgramIndex:
             valid = positions[positions >= n]
             table = self._followers[n]
             for key, position in zip(ngram_hashes(data, valid, n).tolist(), valid.tolist()):
-                followers = table.get(key)
-                if followers is None:
-                    table[key] = [position]
-                else:
-                    followers.append(position)
+                table[key].append(position)
 
     def _extend_prefix(self, start: int) -> None:
         prefix, base = self._prefix, int(_HASH_BASE)
@@ -94,13 +93,15 @@ class NgramIndex:
     def _extend_small(self, start: int) -> None:
         """extend() for a few new positions, in plain Python (numpy's per-call overhead would
         cost more than the work)."""
+        prefix, longest = self._prefix, self.sizes[-1]
         for position in range(max(start, 1), len(self._buffer)):
-            for (_, _, table), key in zip(self._tables, self._keys_at(position)):
-                followers = table.get(key)
-                if followers is None:
-                    table[key] = [position]
-                else:
-                    followers.append(position)
+            if position < longest or position == self._last_keys[0]:  # a short prefix, or keys known
+                for (_, _, table), key in zip(self._tables, self._keys_at(position)):
+                    table[key].append(position)
+            else:  # the common case: each key computed where it is filed, no list of keys
+                head = prefix[position]
+                for n, power, table in self._tables:
+                    table[(head - prefix[position - n] * power) & _MASK].append(position)
 
     def _keys_at(self, position: int) -> list[int]:
         """The keys of the n-grams ending right before `position`, for each size that fits
