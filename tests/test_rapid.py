@@ -19,7 +19,6 @@ from ragspec.drafting.rapid import RapidConfig, RapidDrafter, build_rapid_drafte
 from ragspec.drafting.registry import DraftRequest, build_drafters
 from ragspec.engine.budget import NodeBudget
 from ragspec.engine.loop import decode_steps
-from ragspec.errors import ConfigError
 from ragspec.types import SpecStats
 
 LONGDOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "longdoc"
@@ -54,8 +53,6 @@ def test_no_draft_prompt_no_rapid_drafter(tokenizer):
     request = DraftRequest(engine, [1, 2, 3], SamplingConfig())
     assert build_rapid_drafter(request, RapidConfig()) is None
     assert build_drafters(("rapid",), request) == []
-    with pytest.raises(ConfigError):
-        RapidConfig(knowledge_transfer_eta=1.5)
 
 
 def test_greedy_rapid_equals_plain_decoding_and_drafts_over_the_short_context(tokenizer):

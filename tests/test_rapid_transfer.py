@@ -80,7 +80,7 @@ def test_config_is_lossless_by_default_and_names_the_lossy_knob():
     on = RapidConfig(lossy_transfer_eta=10.0, lossy_transfer_confidence=0.2)
     assert on.lossy_transfer() == LossyTransfer(10.0, 0.2, source="rapid")
     assert not on.tree().cost_aware  # which rows are shifted must not depend on timings
-    for bad in ({"lossy_transfer_eta": -1.0}, {"lossy_transfer_eta": math.inf}, {"knowledge_transfer_eta": 1.0},
+    for bad in ({"lossy_transfer_eta": -1.0}, {"lossy_transfer_eta": math.inf},
                 {"lossy_transfer_eta": 1.0, "lossy_transfer_confidence": 1.5}):
         with pytest.raises(ConfigError):
             RapidConfig(**bad)

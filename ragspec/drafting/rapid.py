@@ -56,8 +56,7 @@ class RapidConfig:
     `lossy_transfer_confidence` * max q) with this strength (the paper's eta; its code's example
     uses 10), so outputs are no longer the target's own (see ragspec.drafting.rapid_transfer).
     With it on, the drafter drafts every step (`cost_aware` is ignored): which rows get the shift
-    must not depend on measured timings. `knowledge_transfer_eta` is refused unless 0: the
-    lossy knob says so in its name."""
+    must not depend on measured timings."""
 
     model: str | LoadedModel = field(default=TARGET_AS_DRAFTER, hash=False)
     chunks: int = RAPID_TOP_K
@@ -67,14 +66,10 @@ class RapidConfig:
     cost_aware: bool = True
     lossy_transfer_eta: float = 0.0
     lossy_transfer_confidence: float = DEFAULT_CONFIDENCE
-    knowledge_transfer_eta: float = 0.0  # the old name: refused unless 0 (use lossy_transfer_eta)
 
     def __post_init__(self) -> None:
         if self.chunks < 1:
             raise ConfigError(f"RapidConfig.chunks must be >= 1, got {self.chunks}")
-        if self.knowledge_transfer_eta != 0.0:
-            raise ConfigError("RapidConfig.knowledge_transfer_eta is not a knob: the knowledge transfer is lossy, "
-                              f"set lossy_transfer_eta={self.knowledge_transfer_eta} to opt in")
         if not (self.lossy_transfer_eta >= 0 and self.lossy_transfer_eta < float("inf")):
             raise ConfigError(f"RapidConfig.lossy_transfer_eta must be >= 0 (0: lossless), got {self.lossy_transfer_eta}")
         self.lossy_transfer()  # checks the confidence
