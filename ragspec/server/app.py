@@ -78,7 +78,7 @@ class Server:
         admitted = self.policy.admit(request)
         self.metrics.in_flight.inc()
         try:
-            feed = await Feed.open(self.engine, admitted, self.policy.engine_thread, started)
+            feed = await Feed.open(self.engine, admitted, self.policy.limiter, started)
         except BaseException as exc:
             self.policy.release()
             self.metrics.in_flight.dec()
