@@ -272,10 +272,22 @@ def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_f
     check_installed()
     config = ServerConfig(api_key=api_key, index=index_name, max_tokens_limit=max_tokens_limit,
                           spec_max_in_flight=spec_max_in_flight)
-    engine = _engine(model, dtype, device, draft_model, index_home=home)
+    from ragspec.server.runner import EngineThread
+
+    context = click.get_current_context()
+
+    def build_engine():  # on the engine thread; click's context (the --backend choice) is per thread
+        click.globals.push_context(context)
+        try:
+            return _engine(model, dtype, device, draft_model, index_home=home)
+        finally:
+            click.globals.pop_context()
+
+    engine_thread = EngineThread()  # the engine is built and stepped on one thread (see EngineThread)
+    engine = engine_thread.call(build_engine)
     if index_name:
         engine.open_index(index_name)
-    run_server(engine, config, host=host, port=port)
+    run_server(engine, config, host=host, port=port, engine_thread=engine_thread)
 
 
 def _attach_subcommands() -> None:

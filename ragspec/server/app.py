@@ -20,7 +20,7 @@ from ragspec.server.errors import APIError, from_library, from_validation
 from ragspec.server.guard import Guard
 from ragspec.server.metrics import ServerMetrics
 from ragspec.server.responses import Formatter, sse
-from ragspec.server.runner import Feed, LoadPolicy, SourceSegments
+from ragspec.server.runner import EngineThread, Feed, LoadPolicy, SourceSegments
 from ragspec.server.schemas import ChatRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,11 @@ class _EventStream(StreamingResponse):
 class Server:
     """What the routes share: the engine, settings, metrics and the load policy."""
 
-    def __init__(self, engine, config: ServerConfig):
+    def __init__(self, engine, config: ServerConfig, engine_thread: EngineThread | None = None):
         self.engine = engine
         self.config = config
         self.metrics = ServerMetrics()
-        self.policy = LoadPolicy(config)
+        self.policy = LoadPolicy(config, engine_thread or EngineThread())
         self.model_id = config.model_id or engine.target.name
 
     async def complete(self, endpoint: str, body: ChatRequest | CompletionRequest, prompt, http: Request):
@@ -78,7 +78,7 @@ class Server:
         admitted = self.policy.admit(request)
         self.metrics.in_flight.inc()
         try:
-            feed = await Feed.open(self.engine, admitted, self.policy.limiter, started)
+            feed = await Feed.open(self.engine, admitted, self.policy.engine_thread, started)
         except BaseException as exc:
             self.policy.release()
             self.metrics.in_flight.dec()
@@ -131,9 +131,10 @@ class Server:
         return JSONResponse(fmt.response(feed.result))
 
 
-def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
-    """An ASGI app serving `engine` (run it with uvicorn, or `ragspec serve`)."""
-    server = Server(engine, config or ServerConfig())
+def create_app(engine, config: ServerConfig | None = None, engine_thread: EngineThread | None = None) -> FastAPI:
+    """An ASGI app serving `engine` (run it with uvicorn, or `ragspec serve`). `engine_thread`:
+    the thread that built the engine (see EngineThread); else a new one."""
+    server = Server(engine, config or ServerConfig(), engine_thread)
     app = FastAPI(title="ragspec", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     _add_error_handlers(app, server)
