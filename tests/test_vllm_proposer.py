@@ -295,7 +295,7 @@ class TreePathProposer(RagspecProposer):
 
         context = DraftContext(tokens=state.tokens.view(), max_nodes=self.spec.max_nodes)
         trees, tries = [], []
-        for drafter in self._drafters_of(state):
+        for drafter in state.drafters if self.past is None else [*state.drafters, self.past]:
             tree = drafter.propose(context)
             if tree.num_nodes:
                 trees.append(tree)

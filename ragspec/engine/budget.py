@@ -148,14 +148,9 @@ class NodeBudget:
 
     def calibrated_scores(self, tree: DraftTree) -> np.ndarray:
         """P(node accepted) after calibration, capped at 1 and at the parent's. [num_nodes]"""
-        return np.asarray(self.calibrated_score_list(tree), dtype=np.float64)
-
-    def calibrated_score_list(self, tree: DraftTree, factor_of: dict[str, float] | None = None) -> list[float]:
-        """`calibrated_scores` as a list; `factor_of` (source -> `calibration(source)`) may be
-        computed once for many trees (the vLLM proposer scores a tree per row, between learns)."""
-        if factor_of is None:
-            factor_of = {source: self.calibration(source) for source in set(tree.sources)}  # a few sources, many nodes
-        return calibrate(tree.scores.tolist(), tree.sources, tree.parents.tolist(), factor_of)
+        factor_of = {source: self.calibration(source) for source in set(tree.sources)}  # a few sources, many nodes
+        return np.asarray(calibrate(tree.scores.tolist(), tree.sources, tree.parents.tolist(), factor_of),
+                          dtype=np.float64)
 
     def select(self, tree: DraftTree, limit: int | None = None, explore: bool = False) -> DraftTree:
         """The best nodes worth verifying, by calibrated score (the tree keeps its raw scores)."""

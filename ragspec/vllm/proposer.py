@@ -306,9 +306,6 @@ class RagspecProposer:
         state.proposal = Proposal(chain, tuple(sources[node] for node in path), [raw[node] for node in path], tries)
         return chain
 
-    def _drafters_of(self, state: RequestState) -> list[ContinuationDrafter]:
-        return state.drafters if self.past is None else [*state.drafters, self.past]
-
     def _suffix_keys(self, state: RequestState, context: DraftContext) -> list[int] | None:
         """The row's suffix n-gram keys, from its context index (which just looked them up)
         when it holds the row's tokens and shares the past store's n-gram sizes."""
