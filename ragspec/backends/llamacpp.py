@@ -253,7 +253,7 @@ class _Context:
             raise UnsupportedModel(f"llama.cpp cannot create a context of {target.n_ctx} tokens for {target.path}")
         self.memory = llama.llama_get_memory(self.ctx)
         self.capacity = target.options.n_batch
-        self.batch = _Batch(llama, self.capacity, MAX_SEQUENCES)
+        self.batch = llama.llama_batch_init(self.capacity, 0, MAX_SEQUENCES)
         self.epoch = 0
         self.dead_rows = 0  # cells held by DEAD_SEQUENCE
 
@@ -262,6 +262,7 @@ class _Context:
 
     def close(self) -> None:
         if self.ctx:
+            self.llama.llama_batch_free(self.batch)
             self.llama.llama_free(self.ctx)
             self.ctx = None
 
@@ -285,28 +286,29 @@ class _Context:
         if written and not llama.llama_state_seq_set_data(self.ctx, buffer, written, 0):
             raise RuntimeError("llama.cpp could not restore the KV of sequence 0 while compacting")
 
-    def decode(self, tokens, positions, seq_counts, seq_ids, outputs) -> torch.Tensor | None:
+    def decode(self, tokens: list[int], positions: list[int], seq_ids: list[tuple[int, ...]],
+               outputs: list[bool]) -> torch.Tensor | None:
         """One llama_decode of these rows; the logits of the rows with `outputs` set, in row order
-        ([outputs, vocab] float32), None when no row asked for them. Row i belongs to the sequences
-        seq_ids[i, :seq_counts[i]]. [rows] arrays each, seq_ids [rows, any width]."""
-        rows = self.batch.fill(tokens, positions, seq_counts, seq_ids, outputs)
-        status = self.llama.llama_decode(self.ctx, self.batch.struct)
+        ([outputs, vocab] float32), None when no row asked for them."""
+        batch = self.batch
+        for row, (token, position, seqs, output) in enumerate(zip(tokens, positions, seq_ids, outputs)):
+            batch.token[row] = token
+            batch.pos[row] = position
+            batch.n_seq_id[row] = len(seqs)
+            row_seqs = batch.seq_id[row]
+            for slot, seq in enumerate(seqs):
+                row_seqs[slot] = seq
+            batch.logits[row] = output
+        batch.n_tokens = len(tokens)
+        status = self.llama.llama_decode(self.ctx, batch)
         if status != 0:
-            raise RuntimeError(f"llama_decode failed with status {status} ({rows} rows)")
-        kept = int(np.count_nonzero(outputs))
+            raise RuntimeError(f"llama_decode failed with status {status} ({len(tokens)} rows)")
+        kept = sum(outputs)
         if not kept:
             return None
         pointer = self.llama.llama_get_logits(self.ctx)
         logits = np.ctypeslib.as_array(pointer, shape=(kept * self.n_vocab,))
         return torch.from_numpy(logits.copy()).view(kept, self.n_vocab)  # the buffer is reused next decode
-
-    def decode_sequence(self, tokens: list[int], start: int, last_output: bool) -> torch.Tensor | None:
-        """Tokens of sequence 0 at positions start, start + 1, ...; the last one's logits if asked."""
-        rows = len(tokens)
-        outputs = np.zeros(rows, dtype=np.int8)
-        outputs[-1] = last_output
-        return self.decode(tokens, np.arange(start, start + rows), np.ones(rows, dtype=np.int32),
-                           np.zeros((rows, 1), dtype=np.int32), outputs)
 
     def remove(self, seq: int, start: int, end: int = -1) -> bool:
         return bool(self.llama.llama_memory_seq_rm(self.memory, seq, start, end))
@@ -315,61 +317,19 @@ class _Context:
         self.llama.llama_memory_seq_cp(self.memory, source, destination, start, end)
 
 
-class _Batch:
-    """A llama_batch over numpy arrays this object owns, so that a step fills it with a few slice
-    assignments instead of one ctypes call per token, position and sequence id."""
-
-    def __init__(self, llama, capacity: int, max_sequences: int):
-        self.token = np.zeros(capacity, dtype=np.int32)
-        self.pos = np.zeros(capacity, dtype=np.int32)
-        self.n_seq_id = np.zeros(capacity, dtype=np.int32)
-        self.seq_id = np.zeros((capacity, max_sequences), dtype=np.int32)
-        self.logits = np.zeros(capacity, dtype=np.int8)
-        int_pointer = ctypes.POINTER(ctypes.c_int32)
-        row_pointers = [ctypes.cast(self.seq_id.ctypes.data + row * self.seq_id.strides[0], int_pointer)
-                        for row in range(capacity)]
-        self._rows = (int_pointer * (capacity + 1))(*row_pointers, None)  # NULL-terminated, as llama_batch_init's
-        self.struct = llama.llama_batch(
-            n_tokens=0, token=self.token.ctypes.data_as(int_pointer), embd=None,
-            pos=self.pos.ctypes.data_as(int_pointer), n_seq_id=self.n_seq_id.ctypes.data_as(int_pointer),
-            seq_id=ctypes.cast(self._rows, ctypes.POINTER(int_pointer)),
-            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)))
-
-    def fill(self, tokens, positions, seq_counts, seq_ids, outputs) -> int:
-        rows = len(tokens)
-        width = np.shape(seq_ids)[1]
-        self.token[:rows] = tokens
-        self.pos[:rows] = positions
-        self.n_seq_id[:rows] = seq_counts
-        self.seq_id[:rows, :width] = seq_ids
-        self.logits[:rows] = outputs
-        self.struct.n_tokens = rows
-        return rows
-
-
-def branch_table(parents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def branch_sequences(parents: np.ndarray) -> list[tuple[int, ...]]:
     """For each node, the sequence ids of the branches containing it: leaf k (in node order) is
-    branch k + 1; a node belongs to the branch of every leaf below it. (counts [num_nodes],
-    ids [num_nodes, max count]: node i's branches are ids[i, :counts[i]], increasing)."""
+    branch k + 1; a node belongs to the branch of every leaf below it. [num_nodes] tuples."""
     n = len(parents)
     has_child = np.zeros(n, dtype=bool)
     has_child[parents[parents != ROOT]] = True
-    leaves = np.flatnonzero(~has_child)
-    member = np.zeros((n, len(leaves)), dtype=bool)  # [node, branch - 1]
-    nodes, branches = leaves, np.arange(len(leaves))
-    while nodes.size:  # every leaf's path, one level up per pass
-        member[nodes, branches] = True
-        up = parents[nodes]
-        nodes, branches = up[up != ROOT], branches[up != ROOT]
-    counts = member.sum(axis=1)
-    ids = np.argsort(~member, axis=1, kind="stable")[:, : max(int(counts.max(initial=0)), 1)] + 1
-    return counts.astype(np.int32), ids.astype(np.int32)
-
-
-def branch_sequences(parents: np.ndarray) -> list[tuple[int, ...]]:
-    """branch_table as one tuple of sequence ids per node. [num_nodes] tuples"""
-    counts, ids = branch_table(parents)
-    return [tuple(int(seq) for seq in ids[node, :count]) for node, count in enumerate(counts)]
+    members: list[list[int]] = [[] for _ in range(n)]
+    for branch, leaf in enumerate(np.flatnonzero(~has_child), start=1):
+        node = int(leaf)
+        while node != ROOT:
+            members[node].append(branch)
+            node = int(parents[node])
+    return [tuple(m) for m in members]
 
 
 class LlamaCppVerifier:
@@ -381,8 +341,7 @@ class LlamaCppVerifier:
         self.context, self.cached_ids = target._acquire(prefix)
         self._release = weakref.finalize(self, target._release, self.context)  # dropped: back to the pool
         self._pending_token: int | None = None
-        self._first_branch = np.zeros(0, dtype=np.int32)  # the last verify's: a branch holding each node
-        self._num_branches = 0  # the last verify's branch sequences 1..num_branches (0: none left)
+        self._branches: list[tuple[int, ...]] = []  # the last verify's per-node sequences
         self._depths = np.zeros(0, dtype=np.int64)
 
     @property
@@ -407,13 +366,16 @@ class LlamaCppVerifier:
         if not reused or not self.context.remove(-1, reused):  # nothing to keep, or cannot cut there
             self.context.clear()
             reused = 0
-        self._first_branch, self._num_branches, self._depths = np.zeros(0, dtype=np.int32), 0, np.zeros(0, dtype=np.int64)
+        self._branches, self._depths = [], np.zeros(0, dtype=np.int64)
         feed = token_ids[reused:] if feed_last else token_ids[reused:-1]
         logits = None
         for start in range(0, len(feed), self.context.capacity):
             chunk = feed[start : start + self.context.capacity]
             last = feed_last and start + len(chunk) == len(feed)
-            logits = self.context.decode_sequence(chunk, reused + start, last)
+            positions = list(range(reused + start, reused + start + len(chunk)))
+            outputs = [False] * len(chunk)
+            outputs[-1] = last
+            logits = self.context.decode(chunk, positions, [(0,)] * len(chunk), outputs)
         self.cached_ids = list(token_ids[:-1])
         self._pending_token = token_ids[-1]
         return logits, reused
@@ -421,31 +383,24 @@ class LlamaCppVerifier:
     def verify(self, pending_token: int, tree: DraftTree) -> VerifyOutput:
         start = time.perf_counter()
         self._pending_token = pending_token
-        past, nodes = self.past_length, tree.num_nodes
-        if nodes + 1 > self.context.capacity:
-            raise ConfigError(f"a tree of {nodes} nodes exceeds llama.cpp's batch of {self.context.capacity} rows")
-        if not nodes:  # a plain step: the pending token alone, in sequence 0
-            self._first_branch, self._num_branches, self._depths = np.zeros(0, dtype=np.int32), 0, np.zeros(0, dtype=np.int64)
-            logits = self.context.decode_sequence([pending_token], past, True)
-            return VerifyOutput(logits=logits, verify_s=time.perf_counter() - start)
-        from ragspec.verify.tree_attention import node_depths
-
-        counts, ids = branch_table(tree.parents)
-        num_branches = int(ids.max())
+        past = self.past_length
+        if tree.num_nodes + 1 > self.context.capacity:
+            raise ConfigError(f"a tree of {tree.num_nodes} nodes exceeds llama.cpp's batch of {self.context.capacity} rows")
+        self._branches = branch_sequences(tree.parents) if tree.num_nodes else []
+        num_branches = max((max(seqs) for seqs in self._branches), default=0)
         if num_branches > MAX_BRANCHES:
             raise ConfigError(f"a tree with {num_branches} leaves exceeds the {MAX_BRANCHES} branch sequences")
-        if self.context.used_cells(past) + 1 + nodes > self.target.n_ctx:
+        if self.context.used_cells(past) + 1 + tree.num_nodes > self.target.n_ctx:
             self.context.compact()  # free the dead rows of earlier trees
         for branch in range(1, num_branches + 1):
             self.context.copy(0, branch)  # the committed prefix, seen by every branch
-        self._first_branch, self._num_branches, self._depths = ids[:, 0], num_branches, node_depths(tree.parents)
-        width = max(ids.shape[1], num_branches + 1)
-        seq_ids = np.zeros((1 + nodes, width), dtype=np.int32)
-        seq_ids[0, : num_branches + 1] = np.arange(num_branches + 1)  # the pending token: every branch and 0
-        seq_ids[1:, : ids.shape[1]] = ids
-        logits = self.context.decode(
-            np.concatenate([[pending_token], tree.token_ids]), past + np.concatenate([[0], self._depths]),
-            np.concatenate([[num_branches + 1], counts]), seq_ids, np.ones(1 + nodes, dtype=np.int8))
+        from ragspec.verify.tree_attention import node_depths
+
+        self._depths = node_depths(tree.parents)
+        tokens = [pending_token, *tree.token_ids.tolist()]
+        positions = [past, *(past + self._depths).tolist()]
+        seqs = [tuple(range(num_branches + 1)), *self._branches]
+        logits = self.context.decode(tokens, positions, seqs, [True] * len(tokens))
         return VerifyOutput(logits=logits, verify_s=time.perf_counter() - start)
 
     def commit(self, accept: AcceptResult) -> None:
@@ -454,26 +409,26 @@ class LlamaCppVerifier:
         between kept ones would take the next tokens, and a query's keys would no longer be summed
         in position order: logits change (up to 0.7 measured on the embedded GGUF, its activations
         quantised to 8 bits amplify the rounding). `compact` frees the dead rows when the context
-        fills up, keeping the order. A plain step (no tree) has nothing to move."""
-        past = self.past_length
+        fills up, keeping the order."""
+        past, num_branches = self.past_length, max((max(seqs) for seqs in self._branches), default=0)
         if accept.accepted_nodes:
             last = accept.accepted_nodes[-1]
-            branch = int(self._first_branch[last])  # a branch containing the whole accepted path
+            branch = self._branches[last][0]  # a branch containing the whole accepted path
             self.context.copy(branch, 0, past + 1, past + 1 + int(self._depths[last]))  # [past + 1, past + depth]
-        for branch in range(1, self._num_branches + 1):
+        for branch in range(1, num_branches + 1):
             self.context.copy(branch, DEAD_SEQUENCE, past + 1)
             self.context.remove(branch, -1)
-        self.context.dead_rows += len(self._first_branch) - len(accept.accepted_nodes)
-        self._first_branch, self._num_branches = np.zeros(0, dtype=np.int32), 0
+        self.context.dead_rows += len(self._branches) - len(accept.accepted_nodes)
+        self._branches = []
         self.cached_ids += [self._pending_token, *accept.accepted_tokens]
 
     def discard(self) -> None:
         """Drop the rows of an unused verify: its pending row and tree rows, the last cells taken
         (the cells keep their position order)."""
         self.context.remove(0, self.past_length)
-        for branch in range(1, self._num_branches + 1):
+        for branch in range(1, max((max(seqs) for seqs in self._branches), default=0) + 1):
             self.context.remove(branch, -1)
-        self._first_branch, self._num_branches = np.zeros(0, dtype=np.int32), 0
+        self._branches = []
 
     def export_prefix(self) -> KVPrefix:
         """The committed tokens, left in this verifier's context, which goes back to the target's pool."""
