@@ -153,17 +153,20 @@ def markdown(report: dict) -> str:
 @click.option("--stride", type=click.IntRange(min=1), default=4, show_default=True, help="Tokens per retrieval.")
 @click.option("--retriever", "kind", type=click.Choice(RETRIEVERS), default="flat", show_default=True)
 @click.option("--encoder", default="minilm-static", show_default=True, help="Corpus encoder (see ragspec.iterative.corpus).")
+@click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The corpus of sliding-window passages built with this overlap (ragspec.iterative.corpus --overlap).")
 @click.option("--sizes", default="all", show_default=True, help="Corpus sizes in chunks, comma-separated ('all': whole).")
 @click.option("--strides", type=click.IntRange(min=1, max=16), default=3, show_default=True,
               help="Strides speculated per verification (the start, when OS3 is on).")
 @click.option("--max-strides", type=click.IntRange(min=1, max=16), default=8, show_default=True)
 @click.option("--no-adaptive", is_flag=True, help="Fixed --strides (no OS3).")
-@click.option("--no-async", is_flag=True, help="Verify on the main thread.")
+@click.option("--async/--no-async", "asynchronous", default=None,
+              help="Verify on a background thread [default: only when the model runs on an accelerator].")
 @click.option("--no-token-speculation", is_flag=True, help="Plain decoding within each stride.")
 @click.option("--dtype", default="float32", show_default=True)
 @click.option("--json", "json_path", default="bench-results/iterative_rag.json", show_default=True)
-def iterative_command(data_dir, workload, methods, limit, max_new_tokens, stride, kind, encoder, sizes, strides,
-                      max_strides, no_adaptive, no_async, no_token_speculation, dtype, json_path) -> None:
+def iterative_command(data_dir, workload, methods, limit, max_new_tokens, stride, kind, encoder, overlap, sizes, strides,
+                      max_strides, no_adaptive, asynchronous, no_token_speculation, dtype, json_path) -> None:
     """Benchmark RaLMSpec against naive iterative RAG on NQ-open questions over the cached corpus.
 
     Example: python -m ragspec.bench.iterative --limit 4 --sizes 20000,all --retriever flat
@@ -175,19 +178,20 @@ def iterative_command(data_dir, workload, methods, limit, max_new_tokens, stride
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
     if not chosen or any(m not in METHODS for m in chosen):
         raise click.BadParameter(f"methods are {', '.join(METHODS)}")
-    index = open_corpus(encoder)
+    index = open_corpus(encoder, overlap)
     questions = nq_questions(data_dir, limit)
     config = IterativeConfig(stride=stride, max_new_tokens=max_new_tokens, token_speculation=not no_token_speculation)
     spec = RalmSpecConfig(bounds=StrideBounds(initial=min(strides, max_strides), high=max_strides),
-                          adaptive=not no_adaptive, asynchronous=not no_async)
+                          adaptive=not no_adaptive, asynchronous=asynchronous)
     engine = Engine(None, dtype=dtype, persist_state=False)
     rows = []
     for size in [None if s.strip() == "all" else int(s) for s in sizes.split(",")]:
         rows += run_size(engine, index, kind, size, questions, config, spec, chosen)
-    report = {"workload": workload, "retriever": kind, "encoder": encoder, "questions": questions,
+    report = {"workload": workload, "retriever": kind, "encoder": encoder, "passage_overlap": overlap,
+              "questions": questions,
               "config": {"stride": stride, "max_new_tokens": max_new_tokens, "token_speculation": not no_token_speculation,
                          "strides": strides, "max_strides": max_strides, "adaptive": not no_adaptive,
-                         "asynchronous": not no_async, "dtype": dtype},
+                         "asynchronous": asynchronous, "dtype": dtype},
               "rows": rows, "crossover": crossover(rows), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     path = Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
