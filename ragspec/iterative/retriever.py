@@ -6,10 +6,9 @@ into one search call. The search answers each row of a batch exactly as it answe
 alone, which is what makes the speculative output equal the naive one:
 
 - `flat` (exact): `ExactFlat`. One BLAS pass scores every chunk for every query of the batch
-  (the saving RaLMSpec batches for: measured over 973k chunks here, one query ~60-75 ms through
-  numpy's gemv, 2/4/8 queries ~60-85/65-110/110-185 ms through torch's gemm with the chunks as
-  its rows; numpy's gemm and FAISS's BLAS path pack the whole matrix per call and cost 2-3x a
-  single query already at 2); its float32 scores only shortlist the chunks within MARGIN of the best,
+  (the saving RaLMSpec batches for: measured over 973k chunks here, 2/4/8 queries ~60-85/
+  65-110/110-185 ms through torch's gemm with the chunks as its rows; numpy's gemm and FAISS's
+  BLAS path pack the whole matrix per call and cost 2-3x a single query already at 2); its float32 scores only shortlist the chunks within MARGIN of the best,
   and the shortlist is rescored exactly (float64 products of the float32 values, summed with
   math.fsum: the correctly rounded inner product), ties going to the lower chunk id. The top-1 is
   thus a property of (query, matrix), whatever BLAS kernel the batch size picked. (FAISS's flat
@@ -61,12 +60,15 @@ class ExactFlat:
         return np.take_along_axis(scores, ids, 1), ids.astype(np.int64)
 
     def _scores(self, queries: np.ndarray) -> np.ndarray:
-        if len(queries) == 1:
-            return (self.matrix @ queries[0])[None]
+        """Float32 scores [nq, num_chunks] through torch's gemm, whose threads are the model's: a
+        numpy (OpenBLAS) search leaves its own threads spinning on both cores after each call, and
+        the decoding that follows ran ~25% slower here. A single query goes in as two identical
+        columns: torch's gemv is single-threaded, ~2.5x slower than its two-column gemm."""
         import torch
 
         rows = torch.from_numpy(self.matrix)  # shares the memory
-        return torch.mm(rows, torch.from_numpy(np.ascontiguousarray(queries)).T).numpy().T
+        columns = np.ascontiguousarray(queries if len(queries) > 1 else np.repeat(queries, 2, axis=0))
+        return torch.mm(rows, torch.from_numpy(columns).T).numpy().T[: len(queries)]
 
     def _exact_top1(self, query: np.ndarray, approximate: np.ndarray) -> tuple[float, int]:
         shortlist = np.flatnonzero(approximate >= approximate.max() - MARGIN)  # ascending ids
