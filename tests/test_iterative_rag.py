@@ -164,3 +164,11 @@ def test_ralmspec_equals_naive_real_model(real_model, tmp_path):
         if number == 0:
             wrong = generate_ralmspec(runner, question, cache=FarthestCache(retriever))
             assert wrong.rollbacks > 0 and wrong.token_ids == naive.token_ids
+
+
+def test_sliding_window_corpus_is_a_separate_index_and_checks_its_overlap(tmp_path):
+    from ragspec.iterative.corpus import CHUNK_TOKENS, build_corpus, corpus_name
+
+    assert corpus_name("minilm-static") != corpus_name("minilm-static", 48)
+    with pytest.raises(ValueError, match="overlap"):
+        build_corpus(tmp_path, 1000, overlap=CHUNK_TOKENS)
