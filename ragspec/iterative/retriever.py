@@ -6,10 +6,10 @@ into one search call. The search answers each row of a batch exactly as it answe
 alone, which is what makes the speculative output equal the naive one:
 
 - `flat` (exact): `ExactFlat`. One BLAS pass scores every chunk for every query of the batch
-  (the saving RaLMSpec batches for: measured over 973k chunks here, 2/4/8 queries ~60-85/
-  65-110/110-185 ms through torch's gemm with the chunks as its rows; numpy's gemm and FAISS's
-  BLAS path pack the whole matrix per call and cost 2-3x a single query already at 2); its float32 scores only shortlist the chunks within MARGIN of the best,
-  and the shortlist is rescored exactly (float64 products of the float32 values, summed with
+  (the saving RaLMSpec batches for: over 973k chunks here 2/4/8 queries took ~60-85/65-110/
+  110-185 ms through torch's gemm with the chunks as its rows, while numpy's gemm and FAISS's
+  BLAS path cost 2-3x one query already at 2). Its float32 scores only shortlist the chunks
+  within MARGIN of the best, and the shortlist is rescored exactly (float64 products of the float32 values, summed with
   math.fsum: the correctly rounded inner product), ties going to the lower chunk id. The top-1 is
   thus a property of (query, matrix), whatever BLAS kernel the batch size picked. (FAISS's flat
   index scans the matrix once per query below 20 queries, so it would not batch at all.)
