@@ -9,8 +9,9 @@ alone, which is what makes the speculative output equal the naive one:
   (the saving RaLMSpec batches for: over 973k chunks here 2/4/8 queries took ~60-85/65-110/
   110-185 ms through torch's gemm with the chunks as its rows, while numpy's gemm and FAISS's
   BLAS path cost 2-3x one query already at 2). Its float32 scores only shortlist the chunks
-  within MARGIN of the best, and the shortlist is rescored exactly (float64 products of the float32 values, summed with
-  math.fsum: the correctly rounded inner product), ties going to the lower chunk id. The top-1 is
+  within MARGIN of the best, and the shortlist is rescored exactly (float64 products of the
+  float32 values, summed with math.fsum: the correctly rounded inner product), ties going to the
+  lower chunk id. The top-1 is
   thus a property of (query, matrix), whatever BLAS kernel the batch size picked. (FAISS's flat
   index scans the matrix once per query below 20 queries, so it would not batch at all.)
 - `hnsw`: FAISS HNSW, whose graph walks are independent per query.
