@@ -100,9 +100,18 @@ def embed(model, texts: list[str], progress: bool = False, batch_size: int = 32)
     return np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(texts), -1)
 
 
+_IVF = re.compile(r"IVF(\d+)")
+
+
+def ivf_lists(factory: str) -> int | None:
+    """The number of inverted lists an IVF factory string asks for; None for other factories."""
+    match = _IVF.search(factory)
+    return int(match.group(1)) if match else None
+
+
 def _clamp_ivf(factory: str, num_vectors: int) -> str:
     """IVF needs ~39 training vectors per list: shrink nlist on small corpora."""
-    match = re.search(r"IVF(\d+)", factory)
+    match = _IVF.search(factory)
     if not match:
         return factory
     nlist = int(match.group(1))
@@ -114,7 +123,9 @@ def _clamp_ivf(factory: str, num_vectors: int) -> str:
 
 # Factories known to build and search safely; anything else is tried in a child process first,
 # since FAISS aborts the whole process on some parameters (HNSW1, PQ1x0) instead of raising.
-_SAFE_FACTORY = re.compile(r"Flat|HNSW([2-9]|[1-9][0-9]{1,2})(,Flat)?|IVF[0-9]{1,7},Flat")
+_UNTRAINED = r"Flat|HNSW([2-9]|[1-9][0-9]{1,2})(,Flat)?"
+SAFE_UNTRAINED = re.compile(_UNTRAINED)  # no training: vectors are added as batches come
+_SAFE_FACTORY = re.compile(_UNTRAINED + r"|IVF[0-9]{1,7},Flat")
 _PROBE = """
 import io, sys, faiss, numpy as np
 vectors = np.load(io.BytesIO(sys.stdin.buffer.read()))
@@ -139,9 +150,6 @@ def _probe_factory(factory: str, vectors: np.ndarray) -> None:
     if child.returncode < 0:
         raise ConfigError(f"FAISS crashed building {factory!r} (signal {-child.returncode}): "
                           "use e.g. Flat, HNSW32,Flat or IVF64,Flat")
-
-
-SAFE_UNTRAINED = re.compile(r"Flat|HNSW([2-9]|[1-9][0-9]{1,2})(,Flat)?")  # no training: add as batches come
 
 
 def empty_faiss(factory: str, sample: np.ndarray):

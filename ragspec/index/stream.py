@@ -101,21 +101,14 @@ class TokenWriter:
         self._handle.close()
 
 
-def _ivf_lists(factory: str) -> int | None:
-    import re
-
-    match = re.search(r"IVF(\d+)", factory)
-    return int(match.group(1)) if match else None
-
-
 def train_size(factory: str, limit: int = TRAIN_VECTORS) -> int:
     """Vectors to collect before training: ~64 per IVF list, within [10k, limit]; 0 for
     factories that need no training (Flat, HNSW: vectors are added batch by batch)."""
-    from ragspec.index.encoders import SAFE_UNTRAINED
+    from ragspec.index.encoders import SAFE_UNTRAINED, ivf_lists
 
     if SAFE_UNTRAINED.fullmatch(factory):
         return 0
-    lists = _ivf_lists(factory) or 0
+    lists = ivf_lists(factory) or 0
     return max(1, min(limit, max(10_000, 64 * lists)))
 
 
@@ -134,8 +127,9 @@ class DenseWriter:
     def __init__(self, factory: str, directory: Path, on_disk: bool = False, train_vectors: int = TRAIN_VECTORS,
                  shard_vectors: int = SHARD_VECTORS) -> None:
         from ragspec.errors import ConfigError
+        from ragspec.index.encoders import ivf_lists
 
-        if on_disk and _ivf_lists(factory) is None:
+        if on_disk and ivf_lists(factory) is None:
             raise ConfigError(f"an on-disk dense index needs an IVF factory (e.g. IVF1024,Flat), not {factory!r}")
         self.factory, self.directory, self.on_disk = factory, directory, on_disk
         self.effective = factory
