@@ -79,8 +79,8 @@ def run(args) -> dict:
     engines = {args.etas[0]: first}
     for eta in args.etas[1:]:
         engines[eta] = Engine(model, spec=spec_with_eta(spec, eta), persist_state=False,
-                              latency_curve=first.budget().curve)
-        engines[eta]._prefixes = first._prefixes  # one prefix cache: the document's KV is prefilled once
+                              latency_curve=first.budget().curve,
+                              prefix_pool=first.prefix_pool)  # the document's KV is prefilled once
     answers = []
     for choice in map(SetChoice.parse, args.sets):
         max_new = args.max_new_tokens or MAX_NEW_TOKENS.get(choice.name, 64)

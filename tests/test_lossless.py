@@ -261,7 +261,7 @@ def test_prefix_cache_serves_interleaved_conversations(tiny_llama):
         out = engine.generate(messages, max_new_tokens=MAX_NEW)
         assert out.stats.cached_prompt_tokens > len(engine.encode(messages[:1])), name
         assert out.token_ids == cold.generate(messages, max_new_tokens=MAX_NEW, speculative=False).token_ids, name
-    assert len(engine._prefixes) == 2
+    assert len(engine.prefix_pool) == 2
 
 
 def test_cache_prefix_warms_the_next_request(tiny_llama):

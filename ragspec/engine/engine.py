@@ -134,13 +134,16 @@ class Engine:
         persist_state: bool = True,
         prefix_cache: bool = True,
         prefix_cache_entries: int = DEFAULT_ENTRIES,
+        prefix_pool: PrefixPool | None = None,
     ):
         """`drafter_factories` replaces the built-in drafters chosen by `spec.drafters`;
         `persist_state=False` keeps learned drafter state off disk (the recycling matrix in the
         cache dir, past responses in each index directory); `prefix_cache` keeps the KV caches of
         the last `prefix_cache_entries` requests (least recently used dropped first) so that a
         prompt starting with the same tokens as one of them (the earlier turns of a chat) prefills
-        only the rest. `backend`: which engine runs the target ("transformers", or "llamacpp" for a
+        only the rest; `prefix_pool` shares another Engine's pool (engines over one loaded model,
+        e.g. with different drafters, then prefill a shared document once; the pool has no lock of
+        its own, so engines sharing it are used from one thread). `backend`: which engine runs the target ("transformers", or "llamacpp" for a
         .gguf file, with a LlamaCppOptions as `backend_options`; see ragspec.backends)."""
         if model is None or isinstance(model, (str, Path)):
             self.target = load_target(model, backend, device=device, dtype=dtype, options=backend_options)
@@ -155,7 +158,7 @@ class Engine:
         self._shared: dict[str, object] = {}  # drafters and estimates that outlive a request
         self._indexes: dict[str, object] = {}
         self.prefix_cache = prefix_cache
-        self._prefixes = PrefixPool(max_entries=prefix_cache_entries)
+        self.prefix_pool = prefix_pool if prefix_pool is not None else PrefixPool(max_entries=prefix_cache_entries)
         self._lock = threading.RLock()  # see the class docstring
 
     @property
@@ -202,18 +205,18 @@ class Engine:
             verifier = self.target.new_verifier(self._take_prefix(prompt_ids))
             verifier.prefill(prompt_ids)  # every token but the last, which the next request feeds
             prefix = verifier.export_prefix()
-            self._prefixes.put(prefix)
+            self.prefix_pool.put(prefix)
             return len(prefix.token_ids)
 
     def forget_prefix(self) -> None:
         """Empty the prefix cache: the next request prefills its whole prompt."""
         with self._lock:
-            self._prefixes.clear()
+            self.prefix_pool.clear()
 
     def _take_prefix(self, prompt_ids: list[int]) -> KVPrefix | None:
         """The cached prefix that shares the most leading tokens with `prompt_ids`, handed to one
         request only (a concurrent one needing it starts cold)."""
-        return self._prefixes.take(prompt_ids) if self.prefix_cache else None
+        return self.prefix_pool.take(prompt_ids) if self.prefix_cache else None
 
     def generate(self, request: GenerationRequest | Prompt, **options) -> Generation:
         """Options: those of `stream`."""
@@ -340,7 +343,7 @@ class Engine:
         stats.num_generated_tokens = len(text.token_ids)
         if reason != "error":
             if verifier is not None and self.prefix_cache:
-                self._prefixes.put(verifier.export_prefix())
+                self.prefix_pool.put(verifier.export_prefix())
             for drafter in request.drafters:
                 finish = getattr(drafter, "finish_request", None)
                 if finish is not None:
