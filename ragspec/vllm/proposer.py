@@ -48,7 +48,7 @@ from ragspec.drafting.tree import fuse
 from ragspec.engine.budget import LatencyCurve, NodeBudget, calibrate
 from ragspec.errors import ConfigError
 from ragspec.types import ROOT, DraftTree, TokenBuffer
-from ragspec.vllm.step_cost import StepCost
+from ragspec.vllm.step_cost import StepCosts
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,10 @@ class RagspecProposer:
         self._active: dict[RowKey, list[RequestState]] = {}  # key after the last step -> its requests
         self._departed: OrderedDict[RowKey, list[RequestState]] = OrderedDict()  # waiting for a resume
         self.times = StepTimes()
-        self.cost = StepCost()
+        self.costs = StepCosts()
         self._last_end: float | None = None  # when the last propose() returned
         self._last_verified = 0  # tokens the step after it verifies: each decoding row's pending token + drafts
+        self._last_rows = 0  # decoding rows in that step
         self.counts = {"new": 0, "continued": 0, "resumed": 0, "departed": 0, "answers": 0}
 
     # ------------------------------------------------------------------ vLLM interface
@@ -213,11 +214,14 @@ class RagspecProposer:
                 for i, sampled in enumerate(sampled_token_ids)]
         self._observe_step(start, rows, sampled_token_ids, new_before)
         self._depart(previous)  # first: a finished answer can draft for a request arriving now
-        threshold = self.cost.min_score(self.settings.min_score) if self.settings.adaptive else self.settings.min_score
+        decoding = sum(1 for sampled in sampled_token_ids if sampled)
+        threshold = self.costs.of(decoding).min_score(self.settings.min_score) if self.settings.adaptive \
+            else self.settings.min_score
         factors = CalibrationFactors(self.budget)
         drafts = [[] if state is None or not sampled else self._draft(state, threshold, factors)
                   for state, sampled in zip(rows, sampled_token_ids)]
         self._last_verified = sum(1 + len(d) for d, sampled in zip(drafts, sampled_token_ids) if sampled)
+        self._last_rows = decoding
         self._last_end = time.perf_counter()
         self.times.seconds.append(self._last_end - start)
         self.times.cpu_seconds.append(time.thread_time() - start_cpu)
@@ -229,7 +233,8 @@ class RagspecProposer:
         pure = self.counts["new"] + self.counts["resumed"] == new_before and all(
             sampled or state is None for state, sampled in zip(rows, sampled_token_ids))
         if self._last_end is not None and pure:
-            self.cost.observe(self._last_verified, sum(len(s) for s in sampled_token_ids), now - self._last_end)
+            self.costs.of(self._last_rows).observe(self._last_verified, sum(len(s) for s in sampled_token_ids),
+                                                   now - self._last_end)
 
     # ------------------------------------------------------------------ one row
 

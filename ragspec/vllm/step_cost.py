@@ -35,8 +35,8 @@ class StepCost:
         row), committed `committed_tokens`, and took `seconds`."""
         if seconds <= 0 or verified_tokens <= 0:
             return
-        w = self.weight if self.steps else 1.0
         self.steps += 1
+        w = max(self.weight, 1.0 / self.steps)  # a plain mean over the first 1 / weight steps
         dx, dy = verified_tokens - self.mean_tokens, seconds - self.mean_seconds
         self.mean_tokens += w * dx
         self.mean_seconds += w * dy
@@ -52,3 +52,17 @@ class StepCost:
         if self.per_token_s is None:
             return default
         return min(0.95, self.per_token_s * self.committed_per_s)
+
+
+class StepCosts:
+    """One StepCost per batch class (decoding rows 1, 2-3, 4-7, 8-15, 16-31, ...). A draft
+    token's marginal cost depends on the batch: nearly free while a step is memory-bound at one
+    row, a real share of the step at 16 (measured through vLLM here: a fit learned at batch 1
+    kept drafting at batch 16, 0.75x no speculation on MT-Redundant), so each class learns its
+    own and one class's fit never sets another's threshold."""
+
+    def __init__(self) -> None:
+        self._by_class: dict[int, StepCost] = {}
+
+    def of(self, rows: int) -> StepCost:
+        return self._by_class.setdefault(max(rows, 1).bit_length(), StepCost())
