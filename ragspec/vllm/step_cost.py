@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MIN_STEPS = 16  # steps observed before the fit is trusted
+MIN_STEPS = 6  # steps observed before the fit is trusted
 MIN_SPREAD = 4.0  # variance of the verified-token counts (tokens^2) needed for a slope
 
 
