@@ -320,6 +320,22 @@ def test_engines_load_on_first_call_and_are_shared(tokenizer, tmp_path):
         thread.join(timeout=60)
     assert len(_engines._ENGINES) == before + 1
 
+    # every forward, from invoke, stream and astream, runs on the one thread that loaded the engine
+    ran_on: set[str] = set()
+    model = first.get_engine().target.model
+    hook = model.register_forward_pre_hook(lambda *_: ran_on.add(threading.current_thread().name))
+    try:
+        first.invoke("hi")
+        list(first.stream("hi"))
+
+        async def consume():
+            return [chunk async for chunk in first.astream("hi")]
+
+        asyncio.run(consume())
+    finally:
+        hook.remove()
+    assert len(ran_on) == 1 and next(iter(ran_on)).startswith("ragspec-engine"), ran_on
+
 
 def test_embeddings_feed_any_vector_store():
     """RagSpecEmbeddings are ragspec's index embeddings (normalised), usable by LangChain stores."""

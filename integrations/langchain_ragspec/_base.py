@@ -67,12 +67,12 @@ class RagSpecParams(BaseModel):
 
     def run_pieces(self, prompt, stop, kwargs: dict, outcome: Outcome) -> Iterator[Piece]:
         request = self.ragspec_request(prompt, stop, kwargs)
-        return timed_pieces(self.get_engine(kwargs.get("model")).stream(request), self.timeout, outcome)
+        return timed_pieces(self.get_engine(kwargs.get("model")), request, self.timeout, outcome)
 
     def run_pieces_async(self, prompt, stop, kwargs: dict, outcome: Outcome) -> AsyncIterator[Piece]:
         request = self.ragspec_request(prompt, stop, kwargs)  # bad arguments raise here, at once
         model = kwargs.get("model")
-        return async_pieces(lambda: self.get_engine(model).stream(request), self.timeout, outcome)
+        return async_pieces(lambda: self.get_engine(model), request, self.timeout, outcome)
 
     @property
     def _identifying_params(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Engines shared by the LangChain classes, and the streaming helpers they use.
 
 An Engine is loaded on first use and shared by every ChatRagSpec / RagSpecLLM with the same
-model, dtype, device and index home (constructing a LangChain object loads nothing).
+model, dtype, device and index home (constructing a LangChain object loads nothing). Every call
+on an engine runs on one thread of its own (ragspec.engine.thread), the one it was loaded on.
 """
 
 from __future__ import annotations
@@ -9,22 +10,39 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 from ragspec import Engine, Generation, Piece, TextStream
+from ragspec.engine.request import GenerationRequest
+from ragspec.engine.thread import EngineThread
 
 _ENGINES: dict[tuple, Engine] = {}
 _ENGINES_LOCK = threading.Lock()
+_THREADS: weakref.WeakKeyDictionary[Engine, EngineThread] = weakref.WeakKeyDictionary()
 
 
 def shared_engine(model: str, dtype: str | None, device: str | None, index_home: str | None) -> Engine:
-    """The process-wide Engine for these settings, loaded on first use."""
+    """The process-wide Engine for these settings, loaded on first use, on its own engine thread
+    (ragspec.engine.thread: stepping a model in a thread other than the loading one ran slower)."""
     key = (model, dtype, device, index_home)
     with _ENGINES_LOCK:  # one load per key, even when several threads ask at once
         if key not in _ENGINES:
-            _ENGINES[key] = Engine(model, dtype=dtype, device=device, index_home=index_home)
+            thread = EngineThread()
+            engine = thread.call(lambda: Engine(model, dtype=dtype, device=device, index_home=index_home))
+            _THREADS[engine] = thread
+            _ENGINES[key] = engine
         return _ENGINES[key]
+
+
+def engine_thread(engine: Engine) -> EngineThread:
+    """The thread every call on `engine` runs on: the one it was loaded on for shared engines; a
+    thread of its own for an Engine the user passed in."""
+    with _ENGINES_LOCK:
+        if engine not in _THREADS:
+            _THREADS[engine] = EngineThread()
+        return _THREADS[engine]
 
 
 @dataclass
@@ -34,60 +52,44 @@ class Outcome:
     result: Generation | None = None
 
 
-def timed_pieces(stream: TextStream, timeout: float | None, outcome: Outcome) -> Iterator[Piece]:
-    """The stream's pieces; the request is closed however the iteration ends, and TimeoutError
-    is raised once more than `timeout` seconds have passed (checked after each step)."""
+def _close(stream: TextStream, outcome: Outcome) -> None:
+    stream.close()  # ends the request now if it was still running
+    outcome.result = stream.result
+
+
+def timed_pieces(engine: Engine, request: GenerationRequest, timeout: float | None,
+                 outcome: Outcome) -> Iterator[Piece]:
+    """The request's pieces, each decoding step run on the engine's thread; the request is closed
+    however the iteration ends, and TimeoutError is raised once more than `timeout` seconds have
+    passed (checked after each step)."""
+    thread = engine_thread(engine)
     start = time.monotonic()
+    stream = thread.call(engine.stream, request)
+    pieces = stream.pieces()
     try:
-        with stream:
-            for piece in stream.pieces():
-                yield piece
-                if timeout is not None and time.monotonic() - start > timeout:
-                    raise TimeoutError(f"ragspec generation took longer than timeout={timeout} s")
+        while (piece := thread.call(next, pieces, None)) is not None:
+            yield piece
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TimeoutError(f"ragspec generation took longer than timeout={timeout} s")
     finally:
-        outcome.result = stream.result
+        thread.call(_close, stream, outcome)
 
 
-async def async_pieces(open_stream: Callable[[], TextStream], timeout: float | None,
+async def async_pieces(get_engine: Callable[[], Engine], request: GenerationRequest, timeout: float | None,
                        outcome: Outcome) -> AsyncIterator[Piece]:
-    """`timed_pieces` for asyncio: a worker thread opens the stream (the engine may be loading, or
-    busy with another request) and runs every decoding step, so the event loop never waits for
-    a forward pass. Cancelling or closing this iterator stops the worker after the step it is in
-    and closes the stream, which hands the target to the next request."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancelled = threading.Event()
-
-    def post(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone: nobody is listening
-            cancelled.set()
-
-    def work() -> None:
-        pieces = None
-        try:
-            pieces = timed_pieces(open_stream(), timeout, outcome)
-            while not cancelled.is_set():  # checked before each step
-                piece = next(pieces, None)
-                if piece is None:
-                    break
-                post(("piece", piece))
-            post(("end", None))
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            post(("error", exc))
-        finally:
-            if pieces is not None:
-                pieces.close()  # ends the request now if it was cancelled
-
-    threading.Thread(target=work, name="ragspec-langchain-stream", daemon=True).start()
+    """`timed_pieces` for asyncio: loading the engine, opening the stream and every decoding step
+    run on the engine's thread while the event loop awaits them, so it never waits for a forward
+    pass; concurrent requests interleave step by step. Cancelling or closing this iterator closes
+    the stream after the step in progress, which hands the target to the next request."""
+    engine = await asyncio.to_thread(get_engine)  # may load the model (on its own engine thread)
+    thread = engine_thread(engine)
+    start = time.monotonic()
+    stream = await asyncio.wrap_future(thread.submit(engine.stream, request))
+    pieces = stream.pieces()
     try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "error":
-                raise value
-            if kind == "end":
-                return
-            yield value
+        while (piece := await asyncio.wrap_future(thread.submit(next, pieces, None))) is not None:
+            yield piece
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise TimeoutError(f"ragspec generation took longer than timeout={timeout} s")
     finally:
-        cancelled.set()
+        await asyncio.shield(asyncio.wrap_future(thread.submit(_close, stream, outcome)))

@@ -10,37 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import anyio
 
+from ragspec.engine import thread as engine_thread
 from ragspec.engine.request import GenerationRequest, Piece
 from ragspec.server.config import ServerConfig
 
 
-class EngineThread:
-    """One thread runs every blocking engine call of the server, in the order they arrive; build
-    the engine on it too (`call`), as `ragspec serve` does.
-
-    Why: torch work run in a thread other than the one that loaded the model was ~40% slower here
-    (bf16, a Spec-Bench summarization prompt, 128 plain tokens, fresh processes: 7.3-9.0 s with the
-    steps in the loading thread, 11.8-13.0 s with them in another thread; loading and stepping in
-    one worker thread: 6.6-7.8 s). The engine runs one step at a time under its lock anyway, so
-    one thread loses no parallelism. `limiter` bounds the calls waiting for it
-    (ServerConfig.max_in_flight)."""
+class EngineThread(engine_thread.EngineThread):
+    """The server's engine thread (see ragspec.engine.thread): every blocking engine call of the
+    server runs there in the order it arrives; `ragspec serve` builds the engine on it too
+    (`call`). `limiter` bounds the calls waiting for it (ServerConfig.max_in_flight)."""
 
     def __init__(self, limiter: anyio.CapacityLimiter | None = None):
+        super().__init__()
         self.limiter = limiter or anyio.CapacityLimiter(64)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ragspec-engine")
 
     async def run(self, function, *args):
         async with self.limiter:
-            return await asyncio.wrap_future(self._executor.submit(function, *args))
-
-    def call(self, function, *args):
-        """Run `function` on the engine thread and wait for it (outside the event loop)."""
-        return self._executor.submit(function, *args).result()
+            return await asyncio.wrap_future(self.submit(function, *args))
 
 
 @dataclass
