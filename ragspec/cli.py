@@ -272,7 +272,7 @@ def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_f
     check_installed()
     config = ServerConfig(api_key=api_key, index=index_name, max_tokens_limit=max_tokens_limit,
                           spec_max_in_flight=spec_max_in_flight)
-    from ragspec.server.runner import EngineThread
+    from ragspec.engine.thread import EngineThread
 
     context = click.get_current_context()
 

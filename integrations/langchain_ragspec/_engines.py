@@ -52,6 +52,11 @@ class Outcome:
     result: Generation | None = None
 
 
+def _check_timeout(start: float, timeout: float | None) -> None:
+    if timeout is not None and time.monotonic() - start > timeout:
+        raise TimeoutError(f"ragspec generation took longer than timeout={timeout} s")
+
+
 def _close(stream: TextStream, outcome: Outcome) -> None:
     stream.close()  # ends the request now if it was still running
     outcome.result = stream.result
@@ -69,8 +74,7 @@ def timed_pieces(engine: Engine, request: GenerationRequest, timeout: float | No
     try:
         while (piece := thread.call(next, pieces, None)) is not None:
             yield piece
-            if timeout is not None and time.monotonic() - start > timeout:
-                raise TimeoutError(f"ragspec generation took longer than timeout={timeout} s")
+            _check_timeout(start, timeout)
     finally:
         thread.call(_close, stream, outcome)
 
@@ -84,12 +88,11 @@ async def async_pieces(get_engine: Callable[[], Engine], request: GenerationRequ
     engine = await asyncio.to_thread(get_engine)  # may load the model (on its own engine thread)
     thread = engine_thread(engine)
     start = time.monotonic()
-    stream = await asyncio.wrap_future(thread.submit(engine.stream, request))
+    stream = await thread.run(engine.stream, request)
     pieces = stream.pieces()
     try:
-        while (piece := await asyncio.wrap_future(thread.submit(next, pieces, None))) is not None:
+        while (piece := await thread.run(next, pieces, None)) is not None:
             yield piece
-            if timeout is not None and time.monotonic() - start > timeout:
-                raise TimeoutError(f"ragspec generation took longer than timeout={timeout} s")
+            _check_timeout(start, timeout)
     finally:
-        await asyncio.shield(asyncio.wrap_future(thread.submit(_close, stream, outcome)))
+        await asyncio.shield(thread.run(_close, stream, outcome))

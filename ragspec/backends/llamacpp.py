@@ -342,6 +342,7 @@ class LlamaCppVerifier:
         self._release = weakref.finalize(self, target._release, self.context)  # dropped: back to the pool
         self._pending_token: int | None = None
         self._branches: list[tuple[int, ...]] = []  # the last verify's per-node sequences
+        self._num_branches = 0  # the last verify's branch sequences 1..num_branches (0: none left)
         self._depths = np.zeros(0, dtype=np.int64)
 
     @property
@@ -366,7 +367,7 @@ class LlamaCppVerifier:
         if not reused or not self.context.remove(-1, reused):  # nothing to keep, or cannot cut there
             self.context.clear()
             reused = 0
-        self._branches, self._depths = [], np.zeros(0, dtype=np.int64)
+        self._branches, self._num_branches, self._depths = [], 0, np.zeros(0, dtype=np.int64)
         feed = token_ids[reused:] if feed_last else token_ids[reused:-1]
         logits = None
         for start in range(0, len(feed), self.context.capacity):
@@ -387,7 +388,7 @@ class LlamaCppVerifier:
         if tree.num_nodes + 1 > self.context.capacity:
             raise ConfigError(f"a tree of {tree.num_nodes} nodes exceeds llama.cpp's batch of {self.context.capacity} rows")
         self._branches = branch_sequences(tree.parents) if tree.num_nodes else []
-        num_branches = max((max(seqs) for seqs in self._branches), default=0)
+        num_branches = self._num_branches = max((max(seqs) for seqs in self._branches), default=0)
         if num_branches > MAX_BRANCHES:
             raise ConfigError(f"a tree with {num_branches} leaves exceeds the {MAX_BRANCHES} branch sequences")
         if self.context.used_cells(past) + 1 + tree.num_nodes > self.target.n_ctx:
@@ -410,25 +411,25 @@ class LlamaCppVerifier:
         in position order: logits change (up to 0.7 measured on the embedded GGUF, its activations
         quantised to 8 bits amplify the rounding). `compact` frees the dead rows when the context
         fills up, keeping the order."""
-        past, num_branches = self.past_length, max((max(seqs) for seqs in self._branches), default=0)
+        past = self.past_length
         if accept.accepted_nodes:
             last = accept.accepted_nodes[-1]
             branch = self._branches[last][0]  # a branch containing the whole accepted path
             self.context.copy(branch, 0, past + 1, past + 1 + int(self._depths[last]))  # [past + 1, past + depth]
-        for branch in range(1, num_branches + 1):
+        for branch in range(1, self._num_branches + 1):
             self.context.copy(branch, DEAD_SEQUENCE, past + 1)
             self.context.remove(branch, -1)
         self.context.dead_rows += len(self._branches) - len(accept.accepted_nodes)
-        self._branches = []
+        self._branches, self._num_branches = [], 0
         self.cached_ids += [self._pending_token, *accept.accepted_tokens]
 
     def discard(self) -> None:
         """Drop the rows of an unused verify: its pending row and tree rows, the last cells taken
         (the cells keep their position order)."""
         self.context.remove(0, self.past_length)
-        for branch in range(1, max((max(seqs) for seqs in self._branches), default=0) + 1):
+        for branch in range(1, self._num_branches + 1):
             self.context.remove(branch, -1)
-        self._branches = []
+        self._branches, self._num_branches = [], 0
 
     def export_prefix(self) -> KVPrefix:
         """The committed tokens, left in this verifier's context, which goes back to the target's pool."""

@@ -143,8 +143,9 @@ class Engine:
         prompt starting with the same tokens as one of them (the earlier turns of a chat) prefills
         only the rest; `prefix_pool` shares another Engine's pool (engines over one loaded model,
         e.g. with different drafters, then prefill a shared document once; the pool has no lock of
-        its own, so engines sharing it are used from one thread). `backend`: which engine runs the target ("transformers", or "llamacpp" for a
-        .gguf file, with a LlamaCppOptions as `backend_options`; see ragspec.backends)."""
+        its own, so engines sharing it are used from one thread). `backend`: which engine runs the
+        target ("transformers", or "llamacpp" for a .gguf file, with a LlamaCppOptions as
+        `backend_options`; see ragspec.backends)."""
         if model is None or isinstance(model, (str, Path)):
             self.target = load_target(model, backend, device=device, dtype=dtype, options=backend_options)
         else:

@@ -5,12 +5,14 @@ here (bf16, Spec-Bench summarization prompts, 128 plain tokens: through the serv
 request with the steps in the loading thread, 11.8-13.0 s in another; through LangChain, sync
 `stream` in the loading thread 8.2-11.1 s, `astream` stepping in a thread of its own 13.7-20.7 s).
 The cause inside torch/oneDNN is not identified. The engine runs one step at a time under its
-lock anyway, so one thread loses no parallelism. The server (ragspec.server.runner) and the
-LangChain integration build their engines with `call` and run every step through it.
+lock anyway, so one thread loses no parallelism. `ragspec serve` and the LangChain integration
+build their engines with `call` and run every engine call through it (`call`, or `run` from an
+event loop).
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -33,3 +35,7 @@ class EngineThread:
         if threading.current_thread() is self._thread:
             return function(*args)
         return self.submit(function, *args).result()
+
+    async def run(self, function, *args):
+        """`call` for asyncio: the event loop awaits `function(*args)` on the engine thread."""
+        return await asyncio.wrap_future(self.submit(function, *args))

@@ -11,9 +11,9 @@ alone, which is what makes the speculative output equal the naive one:
   BLAS path cost 2-3x one query already at 2). Its float32 scores only shortlist the chunks
   within MARGIN of the best, and the shortlist is rescored exactly (float64 products of the
   float32 values, summed with math.fsum: the correctly rounded inner product), ties going to the
-  lower chunk id. The top-1 is
-  thus a property of (query, matrix), whatever BLAS kernel the batch size picked. (FAISS's flat
-  index scans the matrix once per query below 20 queries, so it would not batch at all.)
+  lower chunk id. The top-1 is thus a property of (query, matrix), whatever BLAS kernel the batch
+  size picked. (FAISS's flat index scans the matrix once per query below 20 queries, so it would
+  not batch at all.)
 - `hnsw`: FAISS HNSW, whose graph walks are independent per query.
 """
 
@@ -63,7 +63,8 @@ class ExactFlat:
     def _scores(self, queries: np.ndarray) -> np.ndarray:
         """Float32 scores [nq, num_chunks] through torch's gemm, whose threads are the model's: a
         numpy (OpenBLAS) search leaves its own threads spinning on both cores after each call, and
-        the decoding that follows ran ~25% slower here. A single query goes in as two identical
+        the decoding that follows ran slower (naive iterative RAG over 60k chunks, 8 questions:
+        24.0 s with a numpy search, 16.1 s with this one). A single query goes in as two identical
         columns: torch's gemv is single-threaded, ~2.5x slower than its two-column gemm."""
         import torch
 

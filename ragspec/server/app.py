@@ -20,7 +20,8 @@ from ragspec.server.errors import APIError, from_library, from_validation
 from ragspec.server.guard import Guard
 from ragspec.server.metrics import ServerMetrics
 from ragspec.server.responses import Formatter, sse
-from ragspec.server.runner import EngineThread, Feed, LoadPolicy, SourceSegments
+from ragspec.engine.thread import EngineThread
+from ragspec.server.runner import Feed, LoadPolicy, SourceSegments
 from ragspec.server.schemas import ChatRequest, CompletionRequest
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class Server:
         admitted = self.policy.admit(request)
         self.metrics.in_flight.inc()
         try:
-            feed = await Feed.open(self.engine, admitted, self.policy.engine_thread, started)
+            feed = await Feed.open(self.engine, admitted, self.policy, started)
         except BaseException as exc:
             self.policy.release()
             self.metrics.in_flight.dec()

@@ -8,29 +8,14 @@ once as "cancelled", its cache goes back to the engine's prefix pool and the eng
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 
 import anyio
 
-from ragspec.engine import thread as engine_thread
 from ragspec.engine.request import GenerationRequest, Piece
+from ragspec.engine.thread import EngineThread
 from ragspec.server.config import ServerConfig
-
-
-class EngineThread(engine_thread.EngineThread):
-    """The server's engine thread (see ragspec.engine.thread): every blocking engine call of the
-    server runs there in the order it arrives; `ragspec serve` builds the engine on it too
-    (`call`). `limiter` bounds the calls waiting for it (ServerConfig.max_in_flight)."""
-
-    def __init__(self, limiter: anyio.CapacityLimiter | None = None):
-        super().__init__()
-        self.limiter = limiter or anyio.CapacityLimiter(64)
-
-    async def run(self, function, *args):
-        async with self.limiter:
-            return await asyncio.wrap_future(self.submit(function, *args))
 
 
 @dataclass
@@ -38,11 +23,17 @@ class LoadPolicy:
     """Counts requests in flight and decides, at admission, whether a request speculates."""
 
     config: ServerConfig
-    engine_thread: EngineThread = field(default_factory=EngineThread)
+    engine_thread: EngineThread = field(default_factory=EngineThread)  # built the engine: see EngineThread
     in_flight: int = 0
+    limiter: anyio.CapacityLimiter = field(init=False)  # bounds the calls waiting for the engine thread
 
     def __post_init__(self) -> None:
-        self.engine_thread.limiter = anyio.CapacityLimiter(self.config.max_in_flight)
+        self.limiter = anyio.CapacityLimiter(self.config.max_in_flight)
+
+    async def run(self, function, *args):
+        """`function(*args)` on the engine thread, in arrival order, at most max_in_flight waiting."""
+        async with self.limiter:
+            return await self.engine_thread.run(function, *args)
 
     def admit(self, request: GenerationRequest) -> GenerationRequest:
         self.in_flight += 1
@@ -58,23 +49,22 @@ class LoadPolicy:
 class Feed:
     """A request's Pieces as an async iterator; `close()` ends it (idempotent)."""
 
-    def __init__(self, stream, request: GenerationRequest, engine_thread: EngineThread, started: float):
+    def __init__(self, stream, request: GenerationRequest, policy: LoadPolicy, started: float):
         self.stream = stream
         self.request = request
         self._pieces = stream.pieces()
-        self._engine_thread = engine_thread
+        self._policy = policy
         self.started = started  # when the server received the request (perf_counter)
         self.first_token_s: float | None = None
         self.closed = False
         self.finished = False  # the server has counted it
 
     @classmethod
-    async def open(cls, engine, request: GenerationRequest, engine_thread: EngineThread,
-                   started: float) -> "Feed":
+    async def open(cls, engine, request: GenerationRequest, policy: LoadPolicy, started: float) -> "Feed":
         """Set the request up (tokenising, retrieval) on the engine thread; library errors
         propagate. `started`: when the server received it (time.perf_counter())."""
-        stream = await engine_thread.run(engine.stream, request)
-        return cls(stream, request, engine_thread, started)
+        stream = await policy.run(engine.stream, request)
+        return cls(stream, request, policy, started)
 
     def __aiter__(self) -> "Feed":
         return self
@@ -82,7 +72,7 @@ class Feed:
     async def __anext__(self) -> Piece:
         if self.closed:
             raise StopAsyncIteration
-        piece = await self._engine_thread.run(_next_piece, self._pieces)
+        piece = await self._policy.run(_next_piece, self._pieces)
         if piece is None:
             self.closed = True
             raise StopAsyncIteration
@@ -96,7 +86,7 @@ class Feed:
             return
         self.closed = True
         with anyio.CancelScope(shield=True):
-            await self._engine_thread.run(self.stream.close)
+            await self._policy.run(self.stream.close)
 
     @property
     def result(self):
