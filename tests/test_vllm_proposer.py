@@ -261,44 +261,6 @@ def test_index_datastore_drafts_through_the_proposer(tmp_path, tokenizer):
     assert request.mean_acceptance_length > 3.0, request.mean_acceptance_length
 
 
-def test_step_cost_sets_the_score_a_draft_token_needs():
-    """Steps cost 10 ms + 1 ms per verified token and commit 20 tokens: a draft token pays for
-    itself above P(accepted) = 1 ms * 20 / (10 ms + 1 ms * tokens) ~ 0.67 at 20 tokens."""
-    from ragspec.vllm.step_cost import StepCost
-
-    cost = StepCost()
-    assert cost.min_score(0.15) == 0.15  # nothing measured yet
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        tokens = int(rng.integers(16, 48))
-        seconds = 0.010 + 0.001 * tokens
-        cost.observe(tokens, 20, seconds)
-    assert cost.per_token_s == pytest.approx(0.001, rel=0.05)
-    expected = 0.001 * cost.committed_per_s
-    assert cost.min_score(0.15) == pytest.approx(expected) and 0.4 < expected < 0.9
-    flat = StepCost()
-    for _ in range(200):
-        flat.observe(int(rng.integers(16, 48)), 20, 0.030)  # verify rows cost nothing extra
-    assert flat.min_score(0.15) == pytest.approx(0.0, abs=1e-6)
-
-
-def test_each_batch_class_learns_its_own_step_cost():
-    """Extra tokens are free at one row and cost 1 ms each at 16: the batch-16 threshold comes
-    from batch-16 steps only, and a class with no steps yet keeps the default."""
-    from ragspec.vllm.step_cost import StepCosts
-
-    costs = StepCosts()
-    rng = np.random.default_rng(1)
-    for _ in range(100):
-        costs.of(1).observe(int(rng.integers(1, 8)), 2, 0.030)
-    assert costs.of(16).min_score(0.05) == 0.05 and costs.of(31) is costs.of(16) and costs.of(32) is not costs.of(16)
-    for _ in range(100):
-        tokens = int(rng.integers(16, 112))
-        costs.of(16).observe(tokens, 40, 0.030 + 0.001 * tokens)
-    assert costs.of(1).min_score(0.05) == pytest.approx(0.0, abs=1e-6)
-    assert costs.of(16).per_token_s == pytest.approx(0.001, rel=0.05) and costs.of(16).min_score(0.05) > 0.3
-
-
 class TreePathProposer(RagspecProposer):
     """The proposer drafting through DraftTrees, as ragspec's engine does (each drafter's
     `propose`, `fuse`, `NodeBudget.calibrated_scores`, `best_chain`): the list-based fast path

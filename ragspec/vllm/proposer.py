@@ -29,8 +29,14 @@ Python lists (a few dozen nodes, where numpy's per-call overhead is most of the 
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import json
 import logging
+import os
+import platform
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,11 +54,13 @@ from ragspec.drafting.tree import fuse
 from ragspec.engine.budget import LatencyCurve, NodeBudget, calibrate
 from ragspec.errors import ConfigError
 from ragspec.types import ROOT, DraftTree, TokenBuffer
-from ragspec.vllm.step_cost import StepCosts
+from ragspec.vllm.step_cost import StepCosts, plan_step
 
 log = logging.getLogger(__name__)
 
 KEY_TOKENS = 16  # tokens hashed at each end of a row for its content key
+SAVE_EVERY_STEPS = 16  # measured steps between saves of the step-cost curves ...
+SAVE_EVERY_S = 10.0  # ... and seconds
 SUPPORTED_DRAFTERS = ("context", "past", "datastore")  # the drafters that need no model
 
 
@@ -66,8 +74,9 @@ class ProposerSettings:
     past_max_tokens: int = 200_000  # tokens of earlier answers held in memory
     max_match: int = 32  # longest suffix match measured (SpecConfig.max_match)
     max_occurrences: int = 8  # earlier occurrences turned into branches (SpecConfig.max_occurrences)
-    min_score: float = 0.05  # a chain stops at the first node whose calibrated P(accepted) is lower ...
-    adaptive: bool = True  # ... until the step cost is learned from vLLM's step times (step_cost.py)
+    min_score: float = 0.05  # a chain stops at the first node whose calibrated P(accepted) is lower
+    adaptive: bool = True  # the step's drafts planned on the step-cost curve learned from vLLM's step times (step_cost.py)
+    persist_step_cost: bool = True  # the curves saved under cache_dir() per model/device, loaded at start
     resume_pool: int = 256  # departed requests kept (tokens only) for a resume after preemption
 
     def __post_init__(self) -> None:
@@ -134,6 +143,12 @@ class Proposal:
     sources: tuple[str, ...]  # [len(tokens)] the drafter of each token ...
     scores: list[float]  # [len(tokens)] ... and its raw score: what the budget learns from
     tries: list[tuple[AcceptanceEstimate, ScoredTrie]]  # each drafter's own trie, and the estimate learning from it
+    probabilities: list[float] = field(default_factory=list)  # [len(tokens)] calibrated P(accepted): what the step plan ranks
+
+    def keep(self, length: int) -> None:
+        """Cut the chain to its first `length` tokens (the step plan's choice)."""
+        del self.tokens[length:], self.scores[length:], self.probabilities[length:]
+        self.sources = self.sources[:length]
 
 
 @dataclass
@@ -184,7 +199,12 @@ class RagspecProposer:
         self._active: dict[RowKey, list[RequestState]] = {}  # key after the last step -> its requests
         self._departed: OrderedDict[RowKey, list[RequestState]] = OrderedDict()  # waiting for a resume
         self.times = StepTimes()
-        self.costs = StepCosts()
+        self._cost_path = step_cost_path(vllm_config) if settings.adaptive and settings.persist_step_cost else None
+        self.costs = StepCosts.load(self._cost_path) if self._cost_path is not None else StepCosts()
+        self._unsaved = 0  # steps observed since the curves were last saved
+        self._saved_at = time.monotonic()
+        if self._cost_path is not None:  # a server stopped normally keeps what it learned since the last save
+            atexit.register(_save_costs_at_exit, weakref.ref(self))
         self._last_end: float | None = None  # when the last propose() returned
         self._last_verified = 0  # tokens the step after it verifies: each decoding row's pending token + drafts
         self._last_rows = 0  # decoding rows in that step
@@ -215,11 +235,11 @@ class RagspecProposer:
         self._observe_step(start, rows, sampled_token_ids, new_before)
         self._depart(previous)  # first: a finished answer can draft for a request arriving now
         decoding = sum(1 for sampled in sampled_token_ids if sampled)
-        threshold = self.costs.of(decoding).min_score(self.settings.min_score) if self.settings.adaptive \
-            else self.settings.min_score
         factors = CalibrationFactors(self.budget)
-        drafts = [[] if state is None or not sampled else self._draft(state, threshold, factors)
+        drafts = [[] if state is None or not sampled else self._draft(state, self.settings.min_score, factors)
                   for state, sampled in zip(rows, sampled_token_ids)]
+        if self.settings.adaptive:
+            self._plan(drafts, rows, decoding)
         self._last_verified = sum(1 + len(d) for d, sampled in zip(drafts, sampled_token_ids) if sampled)
         self._last_rows = decoding
         self._last_end = time.perf_counter()
@@ -232,9 +252,35 @@ class RagspecProposer:
         or resumed request, no row without sampled tokens), against the tokens it verified."""
         pure = self.counts["new"] + self.counts["resumed"] == new_before and all(
             sampled or state is None for state, sampled in zip(rows, sampled_token_ids))
-        if self._last_end is not None and pure:
-            self.costs.of(self._last_rows).observe(self._last_verified, sum(len(s) for s in sampled_token_ids),
-                                                   now - self._last_end)
+        if self._last_end is not None and pure and self._last_rows:
+            self.costs.of(self._last_rows).observe(self._last_rows, self._last_verified, now - self._last_end)
+            self._unsaved += 1
+            if self._cost_path is not None and self._unsaved >= SAVE_EVERY_STEPS \
+                    and time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+                self.save_step_costs()
+
+    def _plan(self, drafts: list[list[int]], rows: list, decoding: int) -> None:
+        """Cut the rows' chains to the step `plan_step` chooses on this batch class's cost curve
+        (`drafts` and the rows' proposals, in place)."""
+        drafted = [i for i, draft in enumerate(drafts) if draft]
+        if not drafted:
+            return
+        proposals = [rows[i].proposal for i in drafted]
+        lengths = plan_step(self.costs.of(decoding), decoding, [p.probabilities for p in proposals], self.k)
+        for i, proposal, length in zip(drafted, proposals, lengths):
+            if length < len(drafts[i]):
+                drafts[i] = drafts[i][:length]
+                proposal.keep(length)
+                if not length:
+                    rows[i].proposal = None
+
+    def save_step_costs(self) -> bool:
+        """Write the learned step-cost curves to the cache (also done every SAVE_EVERY_STEPS
+        measured steps, at most every SAVE_EVERY_S seconds, and at exit)."""
+        if self._cost_path is None:
+            return False
+        self._unsaved, self._saved_at = 0, time.monotonic()
+        return self.costs.save(self._cost_path)
 
     # ------------------------------------------------------------------ one row
 
@@ -304,11 +350,13 @@ class RagspecProposer:
         else:
             tree = fuse([trie.tree() for _, trie in tries])
             tokens, parents, raw, sources = tree.token_ids.tolist(), tree.parents.tolist(), tree.scores.tolist(), tree.sources
-        path = best_path(parents, calibrate(raw, sources, parents, factors), self.k, min_score)
+        scores = calibrate(raw, sources, parents, factors)
+        path = best_path(parents, scores, self.k, min_score)
         if not path:
             return []
         chain = [tokens[node] for node in path]
-        state.proposal = Proposal(chain, tuple(sources[node] for node in path), [raw[node] for node in path], tries)
+        state.proposal = Proposal(chain, tuple(sources[node] for node in path), [raw[node] for node in path], tries,
+                                  [scores[node] for node in path])
         return chain
 
     def _suffix_keys(self, state: RequestState, context: DraftContext) -> list[int] | None:
@@ -371,6 +419,35 @@ class RagspecProposer:
     def _past_store(settings: ProposerSettings, spec: SpecConfig) -> PastResponsesDrafter:
         path = Path(settings.past_responses).expanduser() if settings.past_responses else None
         return PastResponsesDrafter(spec, max_tokens=settings.past_max_tokens, state_path=path)
+
+
+def step_cost_path(vllm_config: Any) -> Path | None:
+    """Where this model/device's step-cost curves are kept: cache_dir()/vllm-step-cost/<key>.json,
+    the key a hash of the model, its dtype, the device, the parallel layout and the machine's CPU
+    count (a step's cost depends on all of them). None without a vLLM config (tests) or where
+    ragspec.models cannot be imported (it needs torch, which vLLM's environment has)."""
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is None:
+        return None
+    try:
+        from ragspec.models import cache_dir
+    except ImportError as exc:
+        log.warning("step-cost curves not persisted: %s", exc)
+        return None
+    device = getattr(vllm_config, "device_config", None)
+    parallel = getattr(vllm_config, "parallel_config", None)
+    identity = {"model": str(getattr(model_config, "model", "")), "dtype": str(getattr(model_config, "dtype", "")),
+                "device": str(getattr(device, "device_type", getattr(device, "device", ""))),
+                "tp": getattr(parallel, "tensor_parallel_size", 1), "pp": getattr(parallel, "pipeline_parallel_size", 1),
+                "machine": platform.machine(), "cpus": os.cpu_count()}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "vllm-step-cost" / f"{key}.json"
+
+
+def _save_costs_at_exit(proposer_ref: "weakref.ref[RagspecProposer]") -> None:
+    proposer = proposer_ref()
+    if proposer is not None and proposer._unsaved:
+        proposer.save_step_costs()
 
 
 def best_chain(tree: DraftTree, scores: np.ndarray | list[float], max_length: int, min_score: float = 0.0) -> DraftTree:
