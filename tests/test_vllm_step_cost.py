@@ -14,7 +14,7 @@ import pytest
 
 from ragspec.vllm import ProposerSettings, RagspecProposer
 from ragspec.vllm.batch_sim import BatchSim, SimRequest
-from ragspec.vllm.step_cost import StepCost, StepCosts, batch_class, isotonic, plan_step
+from ragspec.vllm.step_cost import EXPLORE_EVERY, StepCost, StepCosts, batch_class, isotonic, plan_step
 
 ROWS, K = 16, 6
 VOCAB = 5000
@@ -165,6 +165,19 @@ def test_each_batch_class_learns_its_own_curve():
         costs.of(16).observe(16, tokens, float(convex_seconds(tokens)))
     best, _ = best_expected_throughput(sure)
     assert sum(plan_step(costs.of(16), ROWS, sure, K)) == pytest.approx(best, abs=2)
+
+
+def test_a_plain_step_is_remeasured_when_its_end_of_the_curve_is_unknown_or_stale():
+    cost = StepCost(batch_class(12))  # 8-15 rows: bins of 2 tokens
+    cost.observe(12, 12, 0.10)
+    cost.observe(12, 24, 0.20)
+    assert cost.wants_plain(15) and not cost.wants_plain(12)  # 15 rows: no step near 15 tokens yet
+    cost.observe(15, 15, 0.12)
+    wanted = []
+    for _ in range(40):
+        cost.observe(15, 30, 0.30)
+        wanted.append(cost.wants_plain(15))
+    assert wanted.index(True) == EXPLORE_EVERY - 1  # after EXPLORE_EVERY drafted steps since the plain one
 
 
 def test_curves_round_trip_through_the_cache(tmp_path):

@@ -122,14 +122,12 @@ class StepCost:
         return min(rows * k, max(2, rows // 2, 2 * self.explored))
 
     def wants_plain(self, rows: int) -> bool:
-        """Take a plain step now: none near `rows` tokens measured, or none for EXPLORE_EVERY
-        steps (the curve's low end goes stale while every step drafts)."""
+        """Take a plain step now: no step near `rows` tokens (a plain step's) measured, or none
+        for EXPLORE_EVERY steps (that end of the curve goes stale while every step drafts)."""
         if not self.bins:
             return False
-        lowest = min(self.bins.values(), key=lambda b: b.tokens)
-        if lowest.tokens > rows + self.width:
-            return True
-        return self.steps - lowest.last_step >= EXPLORE_EVERY
+        near = [b.last_step for b in self.bins.values() if abs(b.tokens - rows) <= self.width]
+        return not near or self.steps - max(near) >= EXPLORE_EVERY
 
     def to_json(self) -> dict:
         return {"explored": self.explored,
