@@ -220,7 +220,7 @@ BLOCKED_IMPORTS = textwrap.dedent("""
     import ragspec.drafting.registry, ragspec.drafting.datastore, ragspec.index.index, ragspec.engine.budget
     from ragspec import SpecConfig
     SpecConfig()
-    p = RagspecProposer(settings=ProposerSettings(), num_speculative_tokens=4)
+    p = RagspecProposer(settings=ProposerSettings(adaptive=False), num_speculative_tokens=4)  # BatchSim: no step cost
     phrase = list(range(100, 112))
     request = SimRequest(prompt=list(range(500, 530)) + phrase + [7, 8] + phrase, oracle=phrase * 4)
     sim = BatchSim(p, k=4, max_num_reqs=2, max_model_len=256)

@@ -72,10 +72,11 @@ class SingleSlope:
         return [next((j for j, p in enumerate(chain) if p < threshold), len(chain)) for chain in chains]
 
 
-def simulate(policy: str, phases: list[tuple[float, float, int]], seed: int = 0) -> list[dict]:
+def simulate(policy: str, phases: list[tuple[float, float, int]], seed: int = 0, stall_every: int = 0) -> list[dict]:
     """Steps of 16 rows: `policy` ("curve", "slope", "none") plans each step's drafts on
     synthetic chains, the step costs CONVEX_SECONDS, each row accepts its chain's tokens with
-    their probabilities, and the policy learns from the step's measured seconds."""
+    their probabilities, and the policy learns from the step's measured seconds (every
+    `stall_every`-th step stalls: ten times its cost, as when the machine is busy a moment)."""
     rng = np.random.default_rng(seed)
     curve, slope = StepCost(batch_class(ROWS)), SingleSlope()
     log = []
@@ -90,6 +91,8 @@ def simulate(policy: str, phases: list[tuple[float, float, int]], seed: int = 0)
                 lengths = [0] * ROWS
             drafted = sum(lengths)
             seconds = float(convex_seconds(ROWS + drafted))
+            if stall_every and len(log) % stall_every == stall_every - 1:
+                seconds *= 10
             draws = rng.random(ROWS)
             committed = sum(1 + sum(u < p for p in chain[:n]) for u, chain, n in zip(draws, chains, lengths))
             expected = ROWS + sum(sum(chain[:n]) for chain, n in zip(chains, lengths))
@@ -118,6 +121,15 @@ def test_plan_converges_to_the_throughput_optimal_step():
     assert throughput(log) > 1.05 * plain  # slow start and plain re-measurements included
     # slow start: half a token per row before any measurement, then (after a plain step) twice that
     assert log[0]["drafted"] <= ROWS // 2 and log[1]["drafted"] == 0 and log[2]["drafted"] <= ROWS
+
+
+def test_a_stalled_step_does_not_stop_the_drafting():
+    """Every 50th step takes 10x its cost: the plan stays near the optimum (the stall counts as
+    at most SPIKE times the predicted cost; taken whole, the spoiled bins kept it at 0.88)."""
+    log = simulate("curve", [(0.55, 0.97, 300)], stall_every=50)
+    settled = log[100:]
+    assert np.mean([s["efficiency"] for s in settled]) > 0.94
+    assert np.mean([s["drafted"] for s in settled]) > 0.7 * np.mean([s["best_drafted"] for s in settled])
 
 
 @pytest.mark.parametrize("phases", [[(0.55, 0.97, 300)], [(0.2, 0.6, 60), (0.85, 0.99, 30)]],

@@ -19,7 +19,10 @@ probabilities) / seconds(rows + n), never more than k per row. Beyond the larges
 the curve is extrapolated with its steepest recent slope (convex: the marginal cost only grows),
 and the step may carry at most twice the drafts of the largest step measured (slow start), so it
 learns the cost of large steps gradually; a large step that did not pay is in the curve the next
-step, and the argmax backs off. A plain step is taken now and then to keep its cost current.
+step, and the argmax backs off. As in NodeBudget, a plain step is taken after EXPLORE_EVERY steps
+without one, and a drafted one after EXPLORE_EVERY without drafts, to keep both costs current; a
+bin no step refreshed for FORGET_AFTER steps is dropped, so that one slow measurement cannot rule
+out larger steps for good.
 
 The curves persist per model/device (`StepCosts.save`/`load`, a small JSON under cache_dir()),
 so a restarted server does not relearn them.
@@ -41,7 +44,9 @@ log = logging.getLogger(__name__)
 
 COST_VERSION = 1  # of the persisted JSON
 COST_EMA = 0.1  # weight of the newest step in a bin's moving averages (a plain mean over the first 10)
-EXPLORE_EVERY = 32  # class steps without a plain step before one is taken to re-measure it
+EXPLORE_EVERY = 32  # class steps without a plain (or a drafted) step before one is taken to re-measure it
+SPIKE = 2.0  # a step measured above this many times its predicted seconds counts as this many (a stall, not the cost)
+FORGET_AFTER = 256  # class steps after which a bin no step refreshed is dropped (re-explored if worth it)
 BINS_PER_ROW_CLASS = 4  # bin width = max(1, smallest row count of the class // this)
 
 
@@ -69,6 +74,7 @@ class StepCost:
         self.bins: dict[int, CostBin] = {}
         self.steps = 0  # steps observed in this process
         self.explored = 0  # most draft tokens a measured step of this class carried
+        self.since_drafted = 0  # steps since the last measured one with drafts
         self._curve: tuple[np.ndarray, np.ndarray, float] | None = None  # (tokens, seconds, slope beyond)
 
     def observe(self, rows: int, verified_tokens: int, seconds: float) -> None:
@@ -76,6 +82,8 @@ class StepCost:
         pending token + its drafts) in `seconds`."""
         if seconds <= 0 or verified_tokens <= 0:
             return
+        if self.bins:
+            seconds = min(seconds, SPIKE * float(self.predict(np.array([verified_tokens]))[0]))
         self.steps += 1
         index = verified_tokens // self.width
         found = self.bins.get(index)
@@ -88,7 +96,19 @@ class StepCost:
             found.seconds += weight * (seconds - found.seconds)
             found.last_step = self.steps
         self.explored = max(self.explored, verified_tokens - rows)
+        self.since_drafted = 0 if verified_tokens > rows else self.since_drafted + 1
+        if self.steps % EXPLORE_EVERY == 0:
+            self._forget()
         self._curve = None
+
+    def _forget(self) -> None:
+        """Drop bins no step refreshed for FORGET_AFTER steps: a measurement taken in a slow
+        moment (or on a busier machine, or loaded from an earlier run) would otherwise keep the
+        steps it covers, and every larger one, looking dear for good."""
+        stale = [index for index, b in self.bins.items() if self.steps - b.last_step >= FORGET_AFTER]
+        if len(stale) < len(self.bins):
+            for index in stale:
+                del self.bins[index]
 
     @property
     def measured(self) -> bool:
@@ -190,9 +210,14 @@ def plan_step(cost: StepCost | None, rows: int, chains: list[list[float]], k: in
         gains = np.cumsum([-p for p, _, _ in ranked[:limit]])
         expected = rows + np.concatenate([[0.0], gains])  # [limit + 1]
         seconds = cost.predict(rows + np.arange(limit + 1))
-        best = int(np.argmax(expected / np.maximum(seconds, 1e-9)))
+        throughput = expected / np.maximum(seconds, 1e-9)
+        best = int(np.argmax(throughput))
         if best > 0 and cost.wants_plain(rows):
             best = 0
+        elif best == 0 and limit > 0 and cost.since_drafted >= EXPLORE_EVERY:
+            # re-measure the best drafted step, past the plain step's bin where the cap allows
+            first = min(limit, cost.width)
+            best = first + int(np.argmax(throughput[first:]))
     for _, _, row in ranked[:best]:
         lengths[row] += 1
     return lengths
