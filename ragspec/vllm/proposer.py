@@ -10,8 +10,11 @@ one row per running request and no request ids (docs/scaling.md). Each row is dr
 ragspec request (context suffix over the row's own tokens, earlier answers, the index's token
 datastore), the drafts are fused into one tree, and the tree is cut to its best chain by the
 NodeBudget's calibrated scores, because vLLM verifies chains only (never more than
-`num_speculative_tokens` tokens: more crashes the engine). Drafts never change vLLM's output:
-it verifies every token, so a wrong match only costs speed.
+`num_speculative_tokens` tokens: more crashes the engine). The step is then planned as a whole
+(step_cost.py): the rows' chain tokens, ranked by calibrated P(accepted), are kept while they
+raise expected committed tokens per second on the step-cost curve measured between propose()
+calls. Drafts never change vLLM's output: it verifies every token, so a wrong match only costs
+speed.
 
 Requests are recognised by content (`row_keys`): a row whose tokens extend a known request's by
 exactly the tokens sampled this step continues that request, wherever the row moved to. A
