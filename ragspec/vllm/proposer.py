@@ -434,7 +434,7 @@ def step_cost_path(vllm_config: Any) -> Path | None:
         return None
     try:
         from ragspec.models import cache_dir
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - persistence is optional: never fail vLLM's start for it
         log.warning("step-cost curves not persisted: %s", exc)
         return None
     device = getattr(vllm_config, "device_config", None)
