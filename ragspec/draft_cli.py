@@ -165,3 +165,68 @@ def eval_command(model, data_dir, threads, quiet, draft_path, per_category, max_
     items = target_answers(target, data_dir, per_category, max_new_tokens, progress=not quiet)
     click.echo(f"draft model: {path}")
     click.echo(format_table(evaluate_draft(draft.model, items, depth)))
+
+
+@draft_group.command("train-eagle")
+@_target_options
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: <cache dir>/eagle-heads/<target>, what --eagle-head auto uses).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sequences per step.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate.")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="Drafting depths unrolled in training.")
+@click.option("--vocab-size", type=click.IntRange(min=2), default=None, help="Tokens the head drafts (most frequent).")
+@click.option("--prompts", "num_prompts", type=click.IntRange(min=0), default=None, help="Training prompts the target answers.")
+@click.option("--text-windows", "num_text_windows", type=click.IntRange(min=0), default=None, help="Plain text windows.")
+@click.option("--answer-tokens", type=click.IntRange(min=1), default=None, help="Longest target answer per prompt.")
+@click.option("--seed", type=click.IntRange(min=0), default=None)
+@library_errors
+def train_eagle_command(model, data_dir, threads, quiet, out, num_prompts, num_text_windows, answer_tokens, seed,
+                        **overrides):
+    """Train an EAGLE-style draft head for the target: one decoder layer reading the target's own
+    hidden states (the "eagle" drafter). Same training text as `draft train` (the target's
+    answers to prompts from the book, L-Eval and NQ-open, never Spec-Bench; cached), the target's
+    hidden states computed once (cached); resumable: rerun the same command after an interruption.
+
+    Example: ragspec draft train-eagle && ragspec draft eval-eagle
+    """
+    from dataclasses import replace
+
+    from ragspec.training.eagle import EagleTrainConfig, train_eagle
+
+    data_config = _config(data_dir, None, {"num_prompts": num_prompts, "num_text_windows": num_text_windows,
+                                           "answer_tokens": answer_tokens, "seed": seed})
+    config = replace(EagleTrainConfig(), **{k: v for k, v in overrides.items() if v is not None},
+                     **({"seed": seed} if seed is not None else {}))
+    target = _load_target(model, threads)
+    result = train_eagle(target, config, out, data_config=data_config, progress=not quiet)
+    size = sum(f.stat().st_size for f in result.path.iterdir() if f.is_file())
+    click.echo(f"EAGLE head: {result.path} ({size / 2**20:.1f} MiB, {result.steps} steps"
+               f"{f', resumed at step {result.resumed_from}' if result.resumed_from else ''}); loss "
+               f"{result.first_loss:.3f} -> {result.final_loss:.3f}; {result.num_tokens} tokens; {result.wall_s:.0f} s")
+
+
+@draft_group.command("eval-eagle")
+@_target_options
+@click.option("--head", "head_path", default="auto", show_default=True,
+              help="EAGLE head folder; auto: the one trained for the target (trained first if missing).")
+@click.option("--per-category", type=click.IntRange(min=1), default=3, show_default=True, help="Spec-Bench prompts per category.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Target answer length.")
+@click.option("--depth", type=click.IntRange(min=1), default=5, show_default=True, help="Draft chain depth replayed.")
+@library_errors
+def eval_eagle_command(model, data_dir, threads, quiet, head_path, per_category, max_new_tokens, depth):
+    """Per Spec-Bench category: how often the head's depth-1 draft is the target's next token,
+    and greedy chains of `depth` replayed over the target's answers (each depth reading the
+    head's own predicted features, as when drafting)."""
+    from functools import partial
+
+    from ragspec.drafting.eagle import load_head, resolve_head
+    from ragspec.training import evaluate_draft, format_table, target_answers
+    from ragspec.training.eagle import eagle_hits
+
+    target = _load_target(model, threads)
+    path = resolve_head(head_path, target)
+    head = load_head(path, target)
+    items = target_answers(target, data_dir, per_category, max_new_tokens, progress=not quiet)
+    click.echo(f"EAGLE head: {path}")
+    click.echo(format_table(evaluate_draft(None, items, depth, hits_of=partial(eagle_hits, head, target.model, depth=depth))))

@@ -25,6 +25,7 @@ from ragspec.errors import ConfigError, ModelNotFound, UnsupportedModel
 
 if TYPE_CHECKING:
     from ragspec.kernels.select import KernelPlan
+    from ragspec.verify.hidden import HiddenTap
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class LoadedModel:
     name: str
     kernels: KernelPlan | None = None  # load_model: the CPU kernels chosen and why (ragspec.kernels.select)
     source_identity: str | None = None  # load_model: files_identity() of the directory loaded from
+    hidden_tap: HiddenTap | None = None  # set by tap_hidden(): verifiers then report hidden states
 
     backend = "transformers"  # see ragspec.backends
     max_tree_nodes = None  # no limit beyond SpecConfig.max_nodes
@@ -49,6 +51,14 @@ class LoadedModel:
         from ragspec.verify.verifier import TreeVerifier
 
         return TreeVerifier(self, prefix)
+
+    def tap_hidden(self) -> HiddenTap:
+        """Keep the final hidden states of this model's forwards (for EAGLE-style drafters)."""
+        if self.hidden_tap is None:
+            from ragspec.verify.hidden import HiddenTap
+
+            self.hidden_tap = HiddenTap(self.model)
+        return self.hidden_tap
 
     @property
     def vocab_size(self) -> int:

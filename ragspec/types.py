@@ -93,6 +93,16 @@ class VerifyOutput:
 
     logits: torch.Tensor  # [1 + num_nodes, vocab] float32
     verify_s: float
+    hidden: TargetHidden | None = None  # only while a drafter asked for them (LoadedModel.tap_hidden)
+
+
+@dataclass(frozen=True)
+class TargetHidden:
+    """The target's final hidden states (its LM head's input) for the rows one forward fed: a
+    verify's [pending token, node 0, ...], or a prefill's prompt tokens after the reused prefix."""
+
+    start: int  # position of row 0 in the sequence
+    values: torch.Tensor  # [rows, hidden] in the target's dtype
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,7 @@ class StepResult:
     draft_s: float
     verify_s: float
     pending_token: int = -1  # the token verify row 0 stands for (the last committed token)
+    hidden: TargetHidden | None = None  # the verify's (or the prefill's) hidden states, when tapped
 
 
 @dataclass

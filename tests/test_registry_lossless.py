@@ -16,9 +16,11 @@ from collections.abc import Callable
 import pytest
 
 from conftest import FLAT_CURVE
+from test_eagle import saved_random_head
 from test_model_drafter import sharp_tiny
 from ragspec import Engine
 from ragspec.config import SpecConfig
+from ragspec.drafting.eagle import EagleDraftConfig
 from ragspec.drafting.layer_skip import SelfDraftConfig
 from ragspec.drafting.model import ModelDraftConfig
 from ragspec.drafting.rapid import RapidConfig
@@ -32,6 +34,9 @@ TEST_CONFIGS: dict[str, Callable[[object], object]] = {
     "self": lambda tokenizer: SelfDraftConfig(calibration_tokens=64, min_predicted_speedup=0.0,
                                               draft=ModelDraftConfig(cost_aware=False)),
     "rapid": lambda tokenizer: RapidConfig(cost_aware=False),
+    # a random head (none is trained for a tiny model) projecting with the sharp target's LM head
+    "eagle": lambda tokenizer: EagleDraftConfig(model=saved_random_head(sharp_tiny("llama", tokenizer, seed=0)),
+                                                cost_aware=False),
 }
 
 PROMPTS = [

@@ -30,6 +30,8 @@ from ragspec.cli_support import library_errors
 @click.option("--draft-model", default=None,
               help="Draft model (HF directory, .gguf, or 'auto': the one trained here for the embedded target); "
                    "`ragspec` then fuses it with the retrieval drafters, and ragspec-model / hf-assisted use it.")
+@click.option("--eagle-head", default="auto", show_default=True,
+              help="EAGLE head folder for ragspec-eagle / ragspec-plus-eagle ('auto': `ragspec draft train-eagle`'s).")
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
               help="Sample at this temperature (every method); 0 is greedy and compares outputs.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Sampling seed.")
@@ -54,7 +56,7 @@ from ragspec.cli_support import library_errors
               help="All Spec-Bench categories, mt_redundant, long documents, RAG workloads and both experiments.")
 @click.option("--no-plots", is_flag=True, help="Skip the PNG plots.")
 @library_errors
-def bench_command(data_dir, workloads, methods, draft_model, temperature, seed, limit, max_new_tokens,
+def bench_command(data_dir, workloads, methods, draft_model, eagle_head, temperature, seed, limit, max_new_tokens,
                   max_context_tokens, min_document_tokens, dtype, model, json_path, experiments, full, no_plots) -> None:
     """Benchmark ragspec against plain decoding and transformers' generate on real prompts.
 
@@ -78,6 +80,7 @@ def bench_command(data_dir, workloads, methods, draft_model, temperature, seed, 
         experiments=tuple(experiments) or (EXPERIMENTS if full else ()),
         experiment_limit=limit,  # an explicit --limit also sizes the experiments
         draft_model=draft_model,
+        eagle_head=eagle_head,
         temperature=temperature,
         seed=seed,
     )

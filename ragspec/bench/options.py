@@ -35,6 +35,7 @@ class BenchOptions:
     # longdoc-sessions: documents per L-Eval set (None: 1), every question of each
     draft_model: str | None = None  # a draft model's path, or "auto" (trained here for the embedded
     # target); with one, `ragspec` fuses it with the retrieval drafters and ragspec-model/hf-assisted run
+    eagle_head: str = "auto"  # ragspec-eagle / ragspec-plus-eagle's head folder ("auto": trained here if missing)
     temperature: float = 0.0  # > 0: every method samples (outputs are then not compared)
     seed: int = 0
 

@@ -8,6 +8,8 @@ samples (then every method samples at the run's temperature, and outputs are not
   ragspec-retrieval  ragspec with the default (retrieval) drafters only
   ragspec-pruned   the fused engine with RASD's pruning (SpecConfig.min_draft_prob=0.02)
   ragspec-self     ragspec with the layer-skipping self-drafter only
+  ragspec-eagle    ragspec with the EAGLE head drafter only (--eagle-head; auto: trained here if missing)
+  ragspec-plus-eagle  every default drafter fused with the EAGLE head
   ragspec-plus-rapid  ragspec with the RAPID drafter added (not a default drafter: on long documents
                    it cost more than it added here; this row shows what it adds to `ragspec`)
   ragspec-rapid    ragspec with the RAPID drafter only
@@ -66,7 +68,7 @@ SPECULATIVE_METHOD = "ragspec"
 DEFAULT_METHODS = ("ragspec-ar", "ragspec", "hf-greedy", "hf-pld")
 MODEL_DRAFT_METHODS = ("ragspec-model", "ragspec-pruned", "hf-assisted")  # need a draft model
 ALL_METHODS = (*DEFAULT_METHODS, "ragspec-plus-rapid", "ragspec-rapid", "ragspec-model", "ragspec-retrieval",
-               "ragspec-pruned", "ragspec-self",
+               "ragspec-pruned", "ragspec-self", "ragspec-eagle", "ragspec-plus-eagle",
                "hf-assisted", "hf-early-exit", "llamacpp-greedy", "ragspec-llamacpp-ar", "ragspec-llamacpp")
 LLAMACPP_ENGINE_METHODS = ("ragspec-llamacpp-ar", "ragspec-llamacpp")  # the llama.cpp backend's engine
 PLD_NUM_TOKENS = 10
@@ -270,6 +272,7 @@ class MethodSetup:
     model_path: str | None  # the target's path (llama.cpp reads the GGUF file)
     draft: LoadedModel | None = None  # the run's draft model, if any
     sampling: Sampling = Sampling()
+    eagle_head: str = "auto"  # the EAGLE head of ragspec-eagle / ragspec-plus-eagle
 
 
 def build_methods(names: Sequence[str], engine: Engine, setup: MethodSetup) -> list[Method]:
@@ -309,6 +312,12 @@ def _build_method(name: str, engine: Engine, setup: MethodSetup) -> Method:
         return EngineMethod(name, fresh_engine(engine, spec), True, sampling)
     if name == "ragspec-self":
         return EngineMethod(name, fresh_engine(engine, SpecConfig(drafters=("self",))), True, sampling)
+    if name in ("ragspec-eagle", "ragspec-plus-eagle"):
+        from ragspec.drafting.eagle import EagleDraftConfig
+
+        drafters = ("eagle",) if name == "ragspec-eagle" else (*default_drafters(), "eagle")
+        spec = SpecConfig(drafters=drafters, options=(EagleDraftConfig(model=setup.eagle_head),))
+        return EngineMethod(name, fresh_engine(engine, spec), True, sampling)
     if name == "hf-greedy":
         return HFGenerateMethod(name, engine, sampling)
     if name == "hf-pld":

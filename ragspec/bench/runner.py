@@ -60,7 +60,7 @@ def run_benchmark(options: BenchOptions, engine: Engine | LoadedModel | None = N
     `draft`: a loaded draft model (else options.draft_model is loaded, if set)."""
     engine, draft = _as_engine(engine, options, draft)
     workloads = load_workloads(options, engine)
-    setup = MethodSetup(options.model, draft, Sampling(options.temperature, options.seed))
+    setup = MethodSetup(options.model, draft, Sampling(options.temperature, options.seed), options.eagle_head)
     methods = build_methods(options.methods, engine, setup)
     if options.warmup:
         warm_up(methods, engine)

@@ -146,7 +146,8 @@ class DraftLM:
         self.block_tokens += [int(t) for t in tokens]
         self.block_parents += [int(p) for p in parents]
         tree_parents = np.asarray(self.block_parents[1:], dtype=np.int64) - 1  # block row r = node r - 1
-        return self._forward([int(t) for t in tokens], tree_parents, self.past_length, len(tokens), last_only=False)
+        return self._forward([int(t) for t in tokens], tree_parents, self.past_length, len(tokens), last_only=False,
+                             parent_rows=[int(p) for p in parents])
 
     @torch.inference_mode()
     def commit(self, rows: Sequence[int]) -> None:
@@ -186,15 +187,21 @@ class DraftLM:
         return logits
 
     def _forward(self, ids: list[int], tree_parents: np.ndarray, past: int, new_rows: int,
-                 last_only: bool) -> torch.Tensor:
+                 last_only: bool, parent_rows: list[int] | None = None) -> torch.Tensor:
         """Feed the last `new_rows` rows of the tree [row 0, nodes with `tree_parents`] that sits on
-        `past` committed rows (the earlier rows are already in the cache)."""
+        `past` committed rows (the earlier rows are already in the cache). `parent_rows`: the fed
+        rows' parents as block rows when they are tree rows (None: causal rows)."""
         device = self.device
         positions = tree_position_ids(tree_parents, past, device)
         masks = tree_attention_masks(self.windows, tree_parents, past, self.dtype, device, positions)
         mask = {kind: m[:, :, -new_rows:] for kind, m in masks.items()} if isinstance(masks, dict) else masks[:, :, -new_rows:]
-        arguments = dict(input_ids=torch.tensor([ids], device=device), attention_mask=mask,
-                         position_ids=positions[:, -new_rows:], cache=self.cache, use_cache=True)
+        return self._run(ids, mask, positions[:, -new_rows:], last_only, parent_rows)
+
+    def _run(self, ids: list[int], mask, positions: torch.Tensor, last_only: bool,
+             parent_rows: list[int] | None) -> torch.Tensor:
+        """The module over the fed rows: logits [rows (1 if last_only), vocab] float32."""
+        arguments = dict(input_ids=torch.tensor([ids], device=self.device), attention_mask=mask,
+                         position_ids=positions, cache=self.cache, use_cache=True)
         if last_only and self._keeps_logits:
             arguments["logits_to_keep"] = 1
         logits = self.module(**arguments).logits[0]
@@ -552,7 +559,7 @@ def engine_draft_model(engine, model: str | LoadedModel | None) -> LoadedModel:
 def with_draft_model(spec: SpecConfig | None, model: str | LoadedModel, **knobs) -> SpecConfig:
     """`spec` (default SpecConfig()) with the "model" drafter added, drafting with `model`."""
     spec = spec or SpecConfig()
-    options = tuple(option for option in spec.options if not isinstance(option, ModelDraftConfig))
+    options = tuple(option for option in spec.options if type(option) is not ModelDraftConfig)
     drafters = spec.drafters if "model" in spec.drafters else (*spec.drafters, "model")
     return replace(spec, drafters=drafters, options=(*options, ModelDraftConfig(model=model, **knobs)))
 

@@ -118,6 +118,12 @@ def _rapid(request: DraftRequest, config) -> Drafter | None:
     return build_rapid_drafter(request, config)
 
 
+def _eagle(request: DraftRequest, config) -> Drafter:
+    from ragspec.drafting.eagle import build_eagle_drafter
+
+    return build_eagle_drafter(request, config)
+
+
 def _self(request: DraftRequest, config) -> Drafter:
     from ragspec.drafting.layer_skip import build_self_drafter
 
@@ -131,6 +137,8 @@ REGISTRY: dict[str, DrafterEntry] = {
     "datastore": DrafterEntry(_datastore, summary="the index's token datastore (RAG requests)"),
     "model": DrafterEntry(_model, "ragspec.drafting.model:ModelDraftConfig", default=False,
                           summary="a small draft model with the target's tokenizer (dynamic tree)"),
+    "eagle": DrafterEntry(_eagle, "ragspec.drafting.eagle:EagleDraftConfig", default=False,
+                          summary="an EAGLE-style head over the target's own hidden states (dynamic tree)"),
     "self": DrafterEntry(_self, "ragspec.drafting.layer_skip:SelfDraftConfig", default=False,
                          summary="the target with some layers skipped (calibrated, no training)"),
     "rapid": DrafterEntry(_rapid, "ragspec.drafting.rapid:RapidConfig", default=False,

@@ -104,7 +104,7 @@ def decode_steps(
         new_tokens = [*accept.accepted_tokens, accept.bonus_token]
         tokens.extend(new_tokens)
         # 6. observe
-        step = StepResult(tree, accept, verified.logits, draft_s, verified.verify_s, pending_token)
+        step = StepResult(tree, accept, verified.logits, draft_s, verified.verify_s, pending_token, verified.hidden)
         for drafter in drafters:
             drafter.observe(step)
         stats.record(step)

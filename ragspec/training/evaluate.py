@@ -10,7 +10,9 @@ position t is accepted up to the first miss. `chain_steps` replays decoding over
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +51,17 @@ class CategoryAcceptance:
 
 
 def chain_steps(hits: np.ndarray, depth: int) -> int:
-    """Target forwards greedy speculation with a draft chain of `depth` needs for an answer whose
-    per-position draft hits are `hits` [answer tokens] bool: each step accepts the chain up to its
-    first miss and adds the target's own (bonus) token."""
-    position, steps, n = 0, 0, len(hits)
+    """Target forwards greedy speculation with a draft chain of `depth` needs for an answer. `hits`:
+    [answer tokens] bool, whether the draft's token at each position is the target's (a draft
+    model: the same at any depth), or [depth, answer tokens] (an EAGLE head, whose depth-(k + 1)
+    drafts read its own predicted features: hits[k, i] for a chain started k positions before i).
+    Each step accepts the chain up to its first miss and adds the target's own (bonus) token."""
+    n = hits.shape[-1]
+    hits = np.broadcast_to(hits, (depth, n)) if hits.ndim == 1 else hits
+    position, steps = 0, 0
     while position < n:
         run = 0
-        while run < depth and position + run < n and hits[position + run]:
+        while run < depth and position + run < n and hits[run, position + run]:
             run += 1
         steps += 1
         position += run + 1
@@ -109,17 +115,20 @@ def draft_hits(draft: torch.nn.Module, item: EvalItem) -> np.ndarray:
     return (logits.argmax(-1) == torch.tensor(item.answer_ids)).numpy()
 
 
-def evaluate_draft(draft: torch.nn.Module, items: list[EvalItem], depth: int = 5) -> list[CategoryAcceptance]:
-    """Per category (in CATEGORIES order, then "all"): agreement and replayed chain speculation."""
+def evaluate_draft(draft: torch.nn.Module | None, items: list[EvalItem], depth: int = 5,
+                   hits_of: Callable[[EvalItem], np.ndarray] | None = None) -> list[CategoryAcceptance]:
+    """Per category (in CATEGORIES order, then "all"): agreement (of depth-1 drafts) and replayed
+    chain speculation. `hits_of(item)`: the hits (see chain_steps); default: `draft_hits(draft, .)`."""
+    hits_of = hits_of or partial(draft_hits, draft)
     by_category: dict[str, list[np.ndarray]] = {}
     for item in items:
-        by_category.setdefault(item.category, []).append(draft_hits(draft, item))
+        by_category.setdefault(item.category, []).append(hits_of(item))
     by_category["all"] = [hits for group in list(by_category.values()) for hits in group]
     results = []
     for category, groups in by_category.items():
-        tokens = sum(len(h) for h in groups)
+        tokens = sum(h.shape[-1] for h in groups)
         steps = sum(chain_steps(h, depth) for h in groups)
-        agreement = float(np.concatenate(groups).mean()) if tokens else 0.0
+        agreement = float(np.concatenate([h if h.ndim == 1 else h[0] for h in groups]).mean()) if tokens else 0.0
         results.append(CategoryAcceptance(category, len(groups), tokens, agreement,
                                           tokens / steps if steps else 0.0, depth))
     return results

@@ -14,7 +14,7 @@ import torch
 
 from ragspec import kvcache
 from ragspec.models import LoadedModel
-from ragspec.types import AcceptResult, DraftTree, VerifyOutput
+from ragspec.types import AcceptResult, DraftTree, TargetHidden, VerifyOutput
 from ragspec.verify.tree_attention import layer_windows, tree_attention_masks, tree_position_ids
 
 
@@ -63,7 +63,8 @@ class TreeVerifier:
         Also returns how many leading tokens' KV came from the prefix cache."""
         start = time.perf_counter()
         logits, reused = self._prefill(token_ids, feed_last=True)
-        return VerifyOutput(logits=logits, verify_s=time.perf_counter() - start), reused
+        hidden = self._take_hidden(reused) if reused < len(token_ids) else None  # None: nothing was fed
+        return VerifyOutput(logits=logits, verify_s=time.perf_counter() - start, hidden=hidden), reused
 
     @torch.inference_mode()
     def _prefill(self, token_ids: list[int], feed_last: bool) -> tuple[torch.Tensor | None, int]:
@@ -113,7 +114,13 @@ class TreeVerifier:
         logits = out.logits[0].float()  # [1 + num_nodes, vocab]
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return VerifyOutput(logits=logits, verify_s=time.perf_counter() - start)
+        return VerifyOutput(logits=logits, verify_s=time.perf_counter() - start, hidden=self._take_hidden(self.past_length))
+
+    def _take_hidden(self, start: int) -> TargetHidden | None:
+        """The hidden states of the forward just run, when the target is tapped (see verify.hidden)."""
+        tap = self.target.hidden_tap
+        values = tap.take() if tap is not None else None
+        return None if values is None else TargetHidden(start=start, values=values[0])
 
     @torch.inference_mode()
     def commit(self, accept: AcceptResult) -> None:

@@ -1,0 +1,186 @@
+"""The "eagle" drafter: an EAGLE-style head (eagle_head.py) drafting a dynamic tree.
+
+It reuses the draft-model machinery (model.py): `EagleDraftLM` is a `DraftLM` whose module is the
+head, so the block bookkeeping, tree masks and KV cache work as for a draft model, and
+`EagleTreeDrafter` is a `ModelTreeDrafter` (EAGLE-2 tree growth, the same cost rule). What
+differs is the head's second input, a feature per row:
+
+- a committed row at position j reads the target's real feature f[j - 1], which the verifier
+  reports for every committed token (`StepResult.hidden`, via `LoadedModel.tap_hidden`); the
+  pending row (block row 0) too, since its previous token is committed;
+- a tree row reads the head's own output at its parent row.
+
+After verify only the pending row stays in the head's cache: accepted tree rows were computed
+from predicted features, and the next step feeds them again from the target's real ones (one
+forward with the new pending token), which is what the head was trained on. Features of tokens
+the target never fed (a reused cached prefix) are zeros.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ragspec.drafting.eagle_head import EagleHead, target_rows
+from ragspec.drafting.model import DraftCosts, DraftLM, ModelDraftConfig, ModelTreeDrafter
+from ragspec.errors import ConfigError
+from ragspec.models import LoadedModel
+from ragspec.types import StepResult
+
+if TYPE_CHECKING:
+    from ragspec.drafting.registry import DraftRequest
+
+HEAD_FILE = "head.safetensors"
+METADATA_FILE = "ragspec_eagle.json"  # written last: a directory with it holds a finished head
+
+
+@dataclass(frozen=True)
+class EagleDraftConfig(ModelDraftConfig):
+    """The "eagle" drafter's knobs: ModelDraftConfig's, with `model` an EAGLE head directory
+    (`ragspec draft train-eagle`) or "auto" (the head trained for this target, trained if missing)."""
+
+    model: str | None = "auto"
+
+
+class EagleDraftLM(DraftLM):
+    def __init__(self, head: EagleHead, target: LoadedModel):
+        super().__init__(head, head.config, device=target.device, dtype=head.fc.weight.dtype,
+                         context_length=target.context_length)
+        self.head = head
+        self.vocab_size = target.vocab_size
+        hidden = int(head.config.hidden_size)
+        self.features = torch.zeros(0, hidden, dtype=head.fc.weight.dtype)  # [positions, hidden] target f[j]
+        self.block_outputs: list[torch.Tensor] = []  # [block rows] the head's output per block row
+        self._last_causal: torch.Tensor | None = None
+
+    def add_target_features(self, start: int, values: torch.Tensor) -> None:
+        """The target's features of positions [start, start + rows)."""
+        end = start + values.shape[0]
+        if end > self.features.shape[0]:
+            grown = self.features.new_zeros(max(end, 2 * self.features.shape[0]), self.features.shape[1])
+            grown[: self.features.shape[0]] = self.features
+            self.features = grown
+        self.features[start:end] = values.to(self.features.dtype)
+
+    def open_block(self, tokens):
+        logits, fed = super().open_block(tokens)
+        self.block_outputs = [self._last_causal]
+        return logits, fed
+
+    def commit(self, rows) -> None:
+        """Keep only the pending row: accepted tree rows come back from real features next step."""
+        super().commit(list(rows)[:1])
+
+    def _run(self, ids, mask, positions, last_only, parent_rows):
+        if parent_rows is None:  # committed or pending rows: the target's feature one position back
+            before = positions[0] - 1
+            known = (before >= 0) & (before < self.features.shape[0])
+            feats = self.features.new_zeros(len(ids), self.features.shape[1])
+            feats[known] = self.features[before[known]]
+        else:
+            feats = torch.stack([self.block_outputs[row] for row in parent_rows])
+        out = self.head(torch.tensor([ids], device=self.device), feats[None], attention_mask=mask,
+                        position_ids=positions, cache=self.cache, use_cache=True)[0]  # [rows, hidden]
+        if parent_rows is None:
+            self._last_causal = out[-1]
+        else:
+            self.block_outputs.extend(out)
+        rows = out[-1:] if last_only else out
+        full = rows.new_full((rows.shape[0], self.vocab_size), float("-inf"), dtype=torch.float32)
+        full[:, self.head.vocab_ids] = self.head.logits(rows).float()
+        return full
+
+
+class EagleTreeDrafter(ModelTreeDrafter):
+    """A ModelTreeDrafter over an EagleDraftLM that takes in the target's features of each step."""
+
+    def observe(self, step: StepResult) -> None:
+        hidden = step.hidden
+        if hidden is not None:
+            values = hidden.values
+            if step.tree.num_nodes:  # the pending row and the accepted nodes' rows
+                values = values[[0, *(1 + node for node in step.accept.accepted_nodes)]]
+            self.lm.add_target_features(hidden.start, values)
+        super().observe(step)
+
+
+# ---- saved heads ------------------------------------------------------------------------------
+
+
+def save_head(head: EagleHead, target: LoadedModel, out_dir: Path, metadata: dict) -> None:
+    """Write the head's own weights and its metadata (last: a directory with it is complete)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / METADATA_FILE).unlink(missing_ok=True)
+    state = {name: t.contiguous() for name, t in head.trainable_state().items()}
+    tmp = out_dir / f".{HEAD_FILE}.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(out_dir / HEAD_FILE)
+    info = {"target": target.name, "target_identity": target.identity,
+            "tokenizer_fingerprint": target.tokenizer_fingerprint,
+            "hidden_size": int(target.model.config.hidden_size), **metadata}
+    tmp = out_dir / f".{METADATA_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=1, default=str))
+    tmp.replace(out_dir / METADATA_FILE)
+
+
+def load_head(path: Path, target: LoadedModel) -> EagleHead:
+    """A saved head on `target` (refused, ConfigError, unless trained on this very target)."""
+    from safetensors.torch import load_file
+
+    meta_path = Path(path) / METADATA_FILE
+    if not meta_path.is_file():
+        raise ConfigError(f"{path} holds no finished EAGLE head (no {METADATA_FILE}): train one with "
+                          "`ragspec draft train-eagle`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("target_identity") != target.identity or meta.get("tokenizer_fingerprint") != target.tokenizer_fingerprint:
+        raise ConfigError(f"the EAGLE head in {path} was trained on {meta.get('target')} "
+                          f"({meta.get('target_identity')}), not on {target.name} ({target.identity}): "
+                          "a head reads its own target's hidden states")
+    state = load_file(str(Path(path) / HEAD_FILE))
+    embedding, lm_rows = target_rows(target.model, state["vocab_ids"])
+    head = EagleHead(target.model.config, state["vocab_ids"], embedding, lm_rows)
+    missing, unexpected = head.load_state_dict(state, strict=False)
+    missing = [name for name in missing if "embed_tokens" not in name]
+    if missing or unexpected:
+        raise ConfigError(f"{path}: the EAGLE head's weights do not fit this target (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    return head.to(target.device).eval()
+
+
+def default_head_dir(target: LoadedModel) -> Path:
+    from ragspec.models import cache_dir
+
+    return cache_dir() / "eagle-heads" / f"{target.name}-{target.identity}"
+
+
+def resolve_head(spec: str, target: LoadedModel) -> Path:
+    """A head directory: `spec` itself, or for "auto" this target's (trained here if missing)."""
+    if spec != "auto":
+        return Path(spec)
+    path = default_head_dir(target)
+    if not (path / METADATA_FILE).is_file():
+        from ragspec.training.eagle import train_eagle
+
+        train_eagle(target, out_dir=path)
+    return path
+
+
+def build_eagle_drafter(request: DraftRequest, config: EagleDraftConfig) -> EagleTreeDrafter:
+    engine = request.engine
+    target = engine.target
+    if getattr(target, "backend", "transformers") != "transformers":
+        raise ConfigError('the "eagle" drafter reads the target\'s hidden states: it needs the transformers backend')
+    if isinstance(config.model, LoadedModel):
+        raise ConfigError('the "eagle" drafter takes a head directory or "auto", not a loaded model')
+    head = engine.shared_state(f"eagle-head:{config.model}",
+                               lambda: load_head(resolve_head(str(config.model), target), target))
+    target.tap_hidden()
+    costs = engine.shared_state(f"eagle-costs:{config.model}", DraftCosts)
+    return EagleTreeDrafter(EagleDraftLM(head, target), "eagle", config, engine.budget, sampling=request.sampling,
+                            vocab_size=target.vocab_size, costs=costs)
