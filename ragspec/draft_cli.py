@@ -192,10 +192,13 @@ def train_eagle_command(model, data_dir, threads, quiet, out, num_prompts, num_t
     """
     from dataclasses import replace
 
-    from ragspec.training.eagle import EagleTrainConfig, train_eagle
+    from ragspec.training.eagle import EagleTrainConfig, eagle_data_config, train_eagle
 
-    data_config = _config(data_dir, None, {"num_prompts": num_prompts, "num_text_windows": num_text_windows,
-                                           "answer_tokens": answer_tokens, "seed": seed})
+    data_config = eagle_data_config(data_dir)
+    plan = {k: v for k, v in (("num_prompts", num_prompts), ("num_text_windows", num_text_windows)) if v is not None}
+    data_config = replace(data_config, data=replace(data_config.data, **plan),
+                          **{k: v for k, v in (("answer_tokens", answer_tokens), ("seed", seed)) if v is not None})
+    data_config.check()
     config = replace(EagleTrainConfig(), **{k: v for k, v in overrides.items() if v is not None},
                      **({"seed": seed} if seed is not None else {}))
     target = _load_target(model, threads)

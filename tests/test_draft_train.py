@@ -36,7 +36,9 @@ from ragspec.training.data import (
     normalized,
     nq_questions,
 )
+from ragspec.drafting.eagle import load_head
 from ragspec.training.draft import mean_loss, prepare_teacher_data
+from ragspec.training.eagle import EagleTrainConfig, eagle_hits, train_eagle
 from ragspec.training.evaluate import EvalItem, chain_steps, evaluate_draft
 from ragspec.training.student import build_student
 
@@ -138,6 +140,8 @@ def test_chain_replay_counts_target_forwards():
     assert chain_steps(hits, 5) == 2  # 5 drafts + bonus, twice
     assert chain_steps(np.zeros(4, dtype=bool), 5) == 4  # every step: the bonus token only
     assert chain_steps(np.array([True, False, True, True, False]), 5) == 2  # [hit, miss->bonus], [hit, hit, miss->bonus]
+    per_depth = np.array([[True, True, True, True], [False, False, True, True]])  # an EAGLE head's hits by depth
+    assert chain_steps(per_depth, 2) == 2  # [depth 1 hit, depth 2 (row 1) miss -> bonus], then [hit, hit at depth 2]
 
 
 def test_eval_scores_a_perfect_draft_fully(peaked_target, tokenizer):
@@ -222,3 +226,25 @@ def test_cli_help_and_bad_arguments(saved_target):
         result = invoke("train", *args)
         errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
         assert result.exit_code != 0 and len(errors) == 1 and errors[0].startswith(message), result.output
+
+
+TINY_EAGLE = EagleTrainConfig(vocab_size=512, depth=2, steps=6, batch_size=2, lr=3e-3, warmup_steps=1, feature_batch=4)
+
+
+def test_tiny_eagle_head_trains_resumes_and_drafts(peaked_target, tmp_path):
+    """An interrupted run resumed gives the head an uninterrupted run gives; the head loads back
+    on its target, drafts only its token subset, and the eval replays its per-depth hits."""
+    whole = train_eagle(peaked_target, TINY_EAGLE, tmp_path / "whole", data_config=TINY, progress=False)
+    part = train_eagle(peaked_target, TINY_EAGLE, tmp_path / "split", data_config=TINY, progress=False, stop_after=4)
+    assert not part.finished and not (tmp_path / "split" / "ragspec_eagle.json").exists()
+    rest = train_eagle(peaked_target, TINY_EAGLE, tmp_path / "split", data_config=TINY, progress=False)
+    assert whole.finished and rest.finished and rest.resumed_from == 4 and np.isfinite(whole.final_loss)
+    heads = [load_head(tmp_path / name, peaked_target) for name in ("whole", "split")]
+    for (name, a), b in zip(heads[0].state_dict().items(), heads[1].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
+    assert len(heads[0].vocab_ids) <= 512
+    item = EvalItem("qa", 1, list(range(100, 120)), list(range(120, 130)))
+    hits = eagle_hits(heads[0], peaked_target.model, item, depth=3)
+    assert hits.shape == (3, 10)
+    results = evaluate_draft(None, [item], depth=3, hits_of=lambda it: eagle_hits(heads[0], peaked_target.model, it, 3))
+    assert results[0].top1_agreement == hits[0].mean()

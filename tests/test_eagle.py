@@ -9,6 +9,8 @@ EAGLE head projects with, so its drafts pass the node budget.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,9 @@ from test_model_drafter import sharp_tiny
 from ragspec import Engine
 from ragspec.config import SpecConfig
 from ragspec.drafting.base import DraftContext
-from ragspec.drafting.eagle import EagleDraftConfig, EagleDraftLM, EagleTreeDrafter, load_head, save_head
+from ragspec.drafting.eagle import (EagleDraftConfig, EagleDraftLM, EagleTreeDrafter, build_eagle_drafter, load_head,
+                                   save_head)
+from ragspec.drafting.registry import DraftRequest
 from ragspec.drafting.eagle_head import EagleHead, target_rows
 from ragspec.engine.loop import decode_steps
 from ragspec.errors import ConfigError
@@ -31,7 +35,7 @@ MAX_NEW = 32
 
 
 def random_head(target, seed: int = 0, vocab: int | None = None) -> EagleHead:
-    """A seeded random head over the target's `vocab` most... first token ids (all by default)."""
+    """A seeded random head drafting the first `vocab` token ids (all by default)."""
     torch.manual_seed(seed)
     count = target.vocab_size if vocab is None else vocab
     vocab_ids = torch.arange(count)
@@ -40,7 +44,7 @@ def random_head(target, seed: int = 0, vocab: int | None = None) -> EagleHead:
 
 
 def saved_random_head(target, seed: int = 0) -> str:
-    path = cache_dir() / "test-eagle-heads" / f"{target.identity}-{seed}"
+    path = cache_dir() / "test-eagle-heads" / f"{target.identity}-{seed}-{os.getpid()}"  # one per xdist worker
     if not (path / "ragspec_eagle.json").is_file():
         save_head(random_head(target, seed), target, path, {"note": "random, for tests"})
     return str(path)
@@ -122,3 +126,22 @@ def test_a_saved_head_loads_back_and_another_targets_head_is_refused(tokenizer, 
         load_head(tmp_path / "head", other)
     with pytest.raises(ConfigError, match="no finished EAGLE head"):
         load_head(tmp_path / "missing", target)
+
+
+def test_the_next_turn_recalls_the_features_of_its_cached_prefix(tokenizer):
+    """The verifier reuses the first turn's KV without a forward; the drafter of the next turn
+    gets that prefix's features from the engine's FeatureMemory instead of zeros."""
+    target = sharp_tiny("llama", tokenizer, seed=0)
+    config = EagleDraftConfig(model=saved_random_head(target), cost_aware=False)
+    engine = Engine(target, latency_curve=FLAT_CURVE, spec=SpecConfig(drafters=("eagle",), options=(config,)),
+                    persist_state=False)
+    turn = [{"role": "user", "content": "the cat sat on the mat. the cat"}]
+    first = engine.generate(turn, max_new_tokens=12)
+    follow = [*turn, {"role": "assistant", "content": first.text}, {"role": "user", "content": "and then?"}]
+    prompt = engine.encode(follow)
+    drafter = build_eagle_drafter(DraftRequest(engine, prompt, SamplingConfig()), config)
+    known = drafter.lm.known
+    assert known > len(engine.encode(turn))  # the first turn's prompt and part of its answer
+    with torch.no_grad():
+        real = target.model.get_decoder()(input_ids=torch.tensor([prompt[:known]])).last_hidden_state[0]
+    torch.testing.assert_close(drafter.lm.features[:known], real, atol=1e-4, rtol=0)

@@ -12,8 +12,9 @@ differs is the head's second input, a feature per row:
 
 After verify only the pending row stays in the head's cache: accepted tree rows were computed
 from predicted features, and the next step feeds them again from the target's real ones (one
-forward with the new pending token), which is what the head was trained on. Features of tokens
-the target never fed (a reused cached prefix) are zeros.
+forward with the new pending token), which is what the head was trained on. A prompt whose start
+the verifier takes from its prefix cache (no forward, so no features) gets that start's features
+from the engine's `FeatureMemory` of earlier requests; features never reported are zeros.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ragspec import kvcache
 from ragspec.drafting.eagle_head import EagleHead, target_rows
 from ragspec.drafting.model import DraftCosts, DraftLM, ModelDraftConfig, ModelTreeDrafter
 from ragspec.errors import ConfigError
@@ -46,6 +48,28 @@ class EagleDraftConfig(ModelDraftConfig):
     model: str | None = "auto"
 
 
+class FeatureMemory:
+    """The target's features of the last few requests' tokens, shared by an engine's requests: a
+    request whose prompt starts like an earlier one (the next turn of a chat, the same system
+    prompt) gets the features of that prefix, whose KV the verifier reuses without a forward."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._entries: list[tuple[list[int], torch.Tensor]] = []  # (tokens, features [known, hidden])
+
+    def remember(self, tokens: list[int], features: torch.Tensor) -> None:
+        self._entries = [*self._entries[-(self.size - 1):], (list(tokens[: features.shape[0]]), features)]
+
+    def recall(self, prompt_ids: list[int]) -> torch.Tensor | None:
+        """Features of the longest prefix of `prompt_ids` (but its last token) an entry holds."""
+        best = None
+        for tokens, features in self._entries:
+            shared = kvcache.common_prefix_length(tokens, prompt_ids[:-1])
+            if shared and (best is None or shared > best.shape[0]):
+                best = features[:shared]
+        return best
+
+
 class EagleDraftLM(DraftLM):
     def __init__(self, head: EagleHead, target: LoadedModel):
         super().__init__(head, head.config, device=target.device, dtype=head.fc.weight.dtype,
@@ -54,6 +78,7 @@ class EagleDraftLM(DraftLM):
         self.vocab_size = target.vocab_size
         hidden = int(head.config.hidden_size)
         self.features = torch.zeros(0, hidden, dtype=head.fc.weight.dtype)  # [positions, hidden] target f[j]
+        self.known = 0  # features of positions [0, known) were added (zeros where never reported)
         self.block_outputs: list[torch.Tensor] = []  # [block rows] the head's output per block row
         self._last_causal: torch.Tensor | None = None
 
@@ -65,6 +90,7 @@ class EagleDraftLM(DraftLM):
             grown[: self.features.shape[0]] = self.features
             self.features = grown
         self.features[start:end] = values.to(self.features.dtype)
+        self.known = max(self.known, end)
 
     def open_block(self, tokens):
         logits, fed = super().open_block(tokens)
@@ -96,7 +122,16 @@ class EagleDraftLM(DraftLM):
 
 
 class EagleTreeDrafter(ModelTreeDrafter):
-    """A ModelTreeDrafter over an EagleDraftLM that takes in the target's features of each step."""
+    """A ModelTreeDrafter over an EagleDraftLM that takes in the target's features of each step,
+    and leaves them in the engine's FeatureMemory when the request ends."""
+
+    def __init__(self, lm: EagleDraftLM, *args, memory: FeatureMemory | None = None, **kwargs):
+        super().__init__(lm, *args, **kwargs)
+        self.memory = memory
+
+    def finish_request(self, prompt_ids: list[int], token_ids: list[int]) -> None:
+        if self.memory is not None and self.lm.known:
+            self.memory.remember([*prompt_ids, *token_ids], self.lm.features[: self.lm.known].clone())
 
     def observe(self, step: StepResult) -> None:
         hidden = step.hidden
@@ -117,7 +152,7 @@ def save_head(head: EagleHead, target: LoadedModel, out_dir: Path, metadata: dic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METADATA_FILE).unlink(missing_ok=True)
-    state = {name: t.contiguous() for name, t in head.trainable_state().items()}
+    state = {name: t.detach().contiguous() for name, t in head.state_dict().items()}  # fc, layer, norm, ids
     tmp = out_dir / f".{HEAD_FILE}.tmp"
     save_file(state, str(tmp))
     tmp.replace(out_dir / HEAD_FILE)
@@ -146,7 +181,6 @@ def load_head(path: Path, target: LoadedModel) -> EagleHead:
     embedding, lm_rows = target_rows(target.model, state["vocab_ids"])
     head = EagleHead(target.model.config, state["vocab_ids"], embedding, lm_rows)
     missing, unexpected = head.load_state_dict(state, strict=False)
-    missing = [name for name in missing if "embed_tokens" not in name]
     if missing or unexpected:
         raise ConfigError(f"{path}: the EAGLE head's weights do not fit this target (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
@@ -182,5 +216,10 @@ def build_eagle_drafter(request: DraftRequest, config: EagleDraftConfig) -> Eagl
                                lambda: load_head(resolve_head(str(config.model), target), target))
     target.tap_hidden()
     costs = engine.shared_state(f"eagle-costs:{config.model}", DraftCosts)
-    return EagleTreeDrafter(EagleDraftLM(head, target), "eagle", config, engine.budget, sampling=request.sampling,
-                            vocab_size=target.vocab_size, costs=costs)
+    memory = engine.shared_state(f"eagle-features:{config.model}", FeatureMemory)
+    lm = EagleDraftLM(head, target)
+    recalled = memory.recall(request.prompt_ids)
+    if recalled is not None:
+        lm.add_target_features(0, recalled)
+    return EagleTreeDrafter(lm, "eagle", config, engine.budget, sampling=request.sampling,
+                            vocab_size=target.vocab_size, costs=costs, memory=memory)

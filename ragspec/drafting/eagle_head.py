@@ -26,8 +26,8 @@ import torch
 
 
 def head_config(target_config):
-    """The target's config cut to one decoder layer, without a vocabulary of its own (the head
-    reads the target's embedding and projects with the target's LM head rows)."""
+    """The target's config cut to one decoder layer, with a vocabulary of one (the head reads the
+    target's embedding and projects with the target's LM head rows)."""
     config = copy.deepcopy(target_config)
     config.num_hidden_layers = 1
     config.vocab_size = 1
@@ -52,6 +52,7 @@ class EagleHead(torch.nn.Module):
         self.config = head_config(target_config)
         self.fc = torch.nn.Linear(2 * hidden, hidden, bias=True)
         self.body = AutoModel.from_config(self.config, dtype=torch.float32, attn_implementation="sdpa")
+        self.body.embed_tokens = None  # rows come in as inputs_embeds (fc's output)
         self.register_buffer("vocab_ids", vocab_ids.long(), persistent=True)
         self.register_buffer("embedding", embedding, persistent=False)
         self.register_buffer("lm_rows", lm_rows, persistent=False)
@@ -66,10 +67,6 @@ class EagleHead(torch.nn.Module):
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Draft logits over the subset [..., subset] (target ids: `vocab_ids`)."""
         return features.to(self.lm_rows.dtype) @ self.lm_rows.T
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What a saved head holds: fc, the decoder layer and norm, the subset's ids."""
-        return {name: t.detach().clone() for name, t in self.state_dict().items() if "embed_tokens" not in name}
 
 
 def target_rows(model: torch.nn.Module, vocab_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
