@@ -59,14 +59,17 @@ def _generation_options(command):
 
 
 def _draft_model_option(command):
+    command = click.option("--eagle-head", default=None, metavar="PATH|auto",
+                           help="Also draft with this EAGLE head over the target's hidden states (auto: the one "
+                                "`ragspec draft train-eagle` made for the target).")(command)
     return click.option("--draft-model", default=None, metavar="PATH|auto",
                         help="Also draft with this small model (HF dir or .gguf with the target's tokenizer; "
                              "auto: the one `ragspec draft train` made for the target).")(command)
 
 
-def _engine(model, dtype, device, draft_model=None, **engine_options):
+def _engine(model, dtype, device, draft_model=None, eagle_head=None, **engine_options):
     """The Engine; with `draft_model`, the "model" drafter joins the drafters (loaded at once, so
-    a wrong path or tokenizer is reported before any prompt)."""
+    a wrong path or tokenizer is reported before any prompt); with `eagle_head`, the "eagle" one."""
     from transformers.utils import logging as hf_logging
 
     from ragspec import Engine
@@ -77,6 +80,10 @@ def _engine(model, dtype, device, draft_model=None, **engine_options):
         from ragspec.drafting.model import with_draft_model
 
         engine_options["spec"] = with_draft_model(engine_options.get("spec"), draft_model)
+    if eagle_head is not None:
+        from ragspec.drafting.eagle import with_eagle_head
+
+        engine_options["spec"] = with_eagle_head(engine_options.get("spec"), eagle_head)
     context = click.get_current_context(silent=True)
     backend = context.meta.get("ragspec.backend", "transformers") if context else "transformers"
     engine = Engine(model, dtype=None if dtype == "auto" else dtype, device=device, backend=backend, **engine_options)
@@ -84,6 +91,10 @@ def _engine(model, dtype, device, draft_model=None, **engine_options):
         from ragspec.drafting.model import engine_draft_model
 
         engine_draft_model(engine, draft_model)
+    if eagle_head is not None:
+        from ragspec.drafting.eagle import engine_head
+
+        engine_head(engine, eagle_head)
     return engine
 
 
@@ -131,12 +142,12 @@ def main(verbose: bool) -> None:
 @_draft_model_option
 @_generation_options
 @library_errors
-def generate(prompt, raw, model, dtype, device, draft_model, **options):
+def generate(prompt, raw, model, dtype, device, draft_model, eagle_head, **options):
     """Generate a reply to PROMPT.
 
     Example: ragspec generate "Summarize: ..." --max-new-tokens 128 --stats
     """
-    engine = _engine(model, dtype, device, draft_model)
+    engine = _engine(model, dtype, device, draft_model, eagle_head)
     _stream(engine, prompt if raw else [{"role": "user", "content": prompt}], options)
 
 
@@ -146,12 +157,12 @@ def generate(prompt, raw, model, dtype, device, draft_model, **options):
 @_draft_model_option
 @_generation_options
 @library_errors
-def chat(system, model, dtype, device, draft_model, **options):
+def chat(system, model, dtype, device, draft_model, eagle_head, **options):
     """Chat in the terminal; the history is kept and drafted from. Empty line or Ctrl-D ends.
 
     Example: ragspec chat --stats
     """
-    engine = _engine(model, dtype, device, draft_model)
+    engine = _engine(model, dtype, device, draft_model, eagle_head)
     history = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -186,7 +197,7 @@ def chat(system, model, dtype, device, draft_model, **options):
 @_draft_model_option
 @_generation_options
 @library_errors
-def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype, device, draft_model, rapid,
+def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype, device, draft_model, eagle_head, rapid,
         rapid_lossy_eta, **options):
     """Answer QUESTIONS from an index (retrieve k chunks, draft from them) or from whole documents
     (--doc: the model reads all of it, later questions reuse the document's KV cache; with --rapid the
@@ -219,13 +230,13 @@ def ask(questions, index_name, docs, k, scope, show_sources, home, model, dtype,
             if rapid_lossy_eta:
                 click.echo(f"rapid: lossy knowledge transfer on (eta {rapid_lossy_eta:g}): answers may differ from "
                            "the model's own", err=True)
-        return ask_documents(lambda: _engine(model, dtype, device, draft_model, spec=spec), docs, questions, options,
+        return ask_documents(lambda: _engine(model, dtype, device, draft_model, eagle_head, spec=spec), docs, questions, options,
                              chunks=k, stream_answer=_stream)
     if rapid or rapid_lossy_eta:
         raise click.UsageError("--rapid drafts from a document's chunks: it needs --doc")
     if not questions:
         raise click.UsageError("missing QUESTIONS")
-    engine = _engine(model, dtype, device, draft_model, index_home=home, spec=SpecConfig(datastore_scope=scope))
+    engine = _engine(model, dtype, device, draft_model, eagle_head, index_home=home, spec=SpecConfig(datastore_scope=scope))
     for question in questions:
         result = _stream(engine, question, {**options, "index": index_name, "k": k or 5})
         if show_sources:
@@ -262,7 +273,7 @@ def info(model, dtype, device):
 @_draft_model_option
 @library_errors
 def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_flight, model, dtype, device,
-          draft_model):
+          draft_model, eagle_head):
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions), /metrics and a web page at /.
 
     Example: ragspec serve --index austen --port 8000
@@ -279,7 +290,7 @@ def serve(host, port, api_key, index_name, home, max_tokens_limit, spec_max_in_f
     def build_engine():  # on the engine thread; click's context (the --backend choice) is per thread
         click.globals.push_context(context)
         try:
-            return _engine(model, dtype, device, draft_model, index_home=home)
+            return _engine(model, dtype, device, draft_model, eagle_head, index_home=home)
         finally:
             click.globals.pop_context()
 

@@ -20,7 +20,7 @@ from the engine's `FeatureMemory` of earlier requests; features never reported a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +29,7 @@ import torch
 from ragspec import kvcache
 from ragspec.drafting.eagle_head import EagleHead, target_rows
 from ragspec.drafting.model import DraftCosts, DraftLM, ModelDraftConfig, ModelTreeDrafter
+from ragspec.config import SpecConfig
 from ragspec.errors import ConfigError
 from ragspec.models import LoadedModel
 from ragspec.types import StepResult
@@ -205,15 +206,28 @@ def resolve_head(spec: str, target: LoadedModel) -> Path:
     return path
 
 
-def build_eagle_drafter(request: DraftRequest, config: EagleDraftConfig) -> EagleTreeDrafter:
-    engine = request.engine
+def with_eagle_head(spec: SpecConfig | None, head: str) -> SpecConfig:
+    """`spec` (default SpecConfig()) with the "eagle" drafter added, drafting with `head`."""
+    spec = spec or SpecConfig()
+    options = tuple(option for option in spec.options if type(option) is not EagleDraftConfig)
+    drafters = spec.drafters if "eagle" in spec.drafters else (*spec.drafters, "eagle")
+    return replace(spec, drafters=drafters, options=(*options, EagleDraftConfig(model=head)))
+
+
+def engine_head(engine, head: str) -> EagleHead:
+    """The head `head` (a folder, or "auto") on `engine`'s target, loaded once per engine."""
     target = engine.target
     if getattr(target, "backend", "transformers") != "transformers":
         raise ConfigError('the "eagle" drafter reads the target\'s hidden states: it needs the transformers backend')
+    return engine.shared_state(f"eagle-head:{head}", lambda: load_head(resolve_head(head, target), target))
+
+
+def build_eagle_drafter(request: DraftRequest, config: EagleDraftConfig) -> EagleTreeDrafter:
+    engine = request.engine
+    target = engine.target
     if isinstance(config.model, LoadedModel):
         raise ConfigError('the "eagle" drafter takes a head directory or "auto", not a loaded model')
-    head = engine.shared_state(f"eagle-head:{config.model}",
-                               lambda: load_head(resolve_head(str(config.model), target), target))
+    head = engine_head(engine, str(config.model))
     target.tap_hidden()
     costs = engine.shared_state(f"eagle-costs:{config.model}", DraftCosts)
     memory = engine.shared_state(f"eagle-features:{config.model}", FeatureMemory)

@@ -277,7 +277,7 @@ class DraftCosts:
     root_s: float | None = None  # EMA seconds of a root forward feeding few rows
     tree_s: float | None = None  # EMA seconds of a batched tree forward (incl. choosing children)
     child_mass: float | None = None  # EMA of the top-k children's summed q per expanded node
-    accepted: float = 1.0  # EMA of the drafter's accepted nodes per verified step
+    accepted: float = 1.0  # EMA of the accepted nodes only this drafter proposed, per verified step
     predicted: float = 1.0  # EMA of their summed scores per verified step
     verified_steps: int = 0  # steps that verified some of the drafter's nodes
     step_s: float | None = None  # EMA of observed verify seconds (plain steps preferred)
@@ -477,7 +477,11 @@ class ModelTreeDrafter:
             costs.step_s = ema(costs.step_s, step.verify_s, COST_EMA)
 
     def _learn_calibration(self, step: StepResult, candidates: _Candidates) -> None:
-        """Accepted over predicted among this drafter's nodes that the target verified."""
+        """The tokens this drafter's drafting adds, per unit of its predicted score: accepted nodes
+        that it alone proposed (a fused tree credits a shared node to the drafter listed first,
+        and the model drafters come after the retrieval ones), over the summed scores of all its
+        nodes the target verified. Alone, every node is its own; fused, nodes a retrieval drafter
+        proposed too would be accepted without it, so they do not pay for its forwards."""
         mine: list[int | None] = []  # step-tree node -> my node
         for token, parent in zip(step.tree.token_ids.tolist(), step.tree.parents.tolist()):
             my_parent = ROOT if parent == ROOT else mine[parent]
@@ -486,7 +490,8 @@ class ModelTreeDrafter:
         if not verified:
             return
         predicted = sum(candidates.scores[node] for node in verified)
-        accepted = sum(1 for node in step.accept.accepted_nodes if mine[node] is not None)
+        sources = step.tree.sources
+        accepted = sum(1 for node in step.accept.accepted_nodes if mine[node] is not None and sources[node] == self.name)
         costs = self.costs
         costs.verified_steps += 1
         weight = max(CALIBRATION_EMA, 1.0 / (costs.verified_steps + 1))  # a mean with the prior, then an EMA

@@ -35,8 +35,8 @@ CHECKPOINT_EVERY = 50  # steps
 @dataclass(frozen=True)
 class EagleTrainConfig:
     vocab_size: int = 16384  # draft vocabulary: the most frequent tokens (FR-Spec)
-    depth: int = 3  # unrolled blocks trained (drafting depths seen in training)
-    steps: int = 600
+    depth: int = 2  # unrolled blocks trained (drafting depths seen in training)
+    steps: int = 800
     batch_size: int = 4  # sequences per step
     lr: float = 1e-3
     warmup_steps: int = 30
