@@ -75,13 +75,16 @@ class EagleDraftLM(DraftLM):
     def __init__(self, head: EagleHead, target: LoadedModel):
         super().__init__(head, head.config, device=target.device, dtype=head.fc.weight.dtype,
                          context_length=target.context_length)
-        self.head = head
         self.vocab_size = target.vocab_size
         hidden = int(head.config.hidden_size)
         self.features = torch.zeros(0, hidden, dtype=head.fc.weight.dtype)  # [positions, hidden] target f[j]
         self.known = 0  # features of positions [0, known) were added (zeros where never reported)
         self.block_outputs: list[torch.Tensor] = []  # [block rows] the head's output per block row
         self._last_causal: torch.Tensor | None = None
+
+    @property
+    def head(self) -> EagleHead:
+        return self.module
 
     def add_target_features(self, start: int, values: torch.Tensor) -> None:
         """The target's features of positions [start, start + rows)."""

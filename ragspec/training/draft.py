@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import shutil
 import time
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from ragspec.training.student import (
     default_layers,
     plain_copy,
 )
+from ragspec.training.schedule import batch_rows, learning_rate
 from ragspec.training.teacher import (
     ShardCache,
     TeacherData,
@@ -312,26 +312,9 @@ class DraftTrainer:
         self.optimizer.load_state_dict(state.optimizer)
         self.step, self.losses = state.step, list(state.losses)
 
-    def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine decay to a tenth of `lr`."""
-        config = self.config
-        if step < config.warmup_steps:
-            return config.lr * (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-    def batch_rows(self, step: int) -> np.ndarray:
-        """The sequences of `step`: epoch e visits all sequences in a permutation seeded by (seed, e)."""
-        count = len(self.data.lengths)
-        rows = []
-        for sample in range(step * self.config.batch_size, (step + 1) * self.config.batch_size):
-            epoch, position = divmod(sample, count)
-            rows.append(np.random.default_rng([self.config.seed, epoch]).permutation(count)[position])
-        return np.array(rows)
-
     def train_step(self) -> tuple[float, int]:
         """One optimizer step; the loss and the number of positions trained on."""
-        rows = self.batch_rows(self.step)
+        rows = batch_rows(self.step, self.config.batch_size, len(self.data.lengths), self.config.seed)
         lengths = self.data.lengths[rows]
         width = int(lengths.max())
         tokens = torch.from_numpy(self.data.tokens[rows, :width]).long()
@@ -339,7 +322,7 @@ class DraftTrainer:
         ids = torch.from_numpy(self.data.topk_ids[rows, :width]).long()[valid]
         logprobs = torch.from_numpy(self.data.topk_logprobs[rows, :width].astype(np.float32))[valid]
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = learning_rate(self.step, self.config.lr, self.config.warmup_steps, self.config.steps)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             body = getattr(self.student, self.student.base_model_prefix)  # the decoder without its head
             hidden = body(input_ids=tokens).last_hidden_state[valid]  # [positions, hidden]

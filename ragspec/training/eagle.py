@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ import torch
 from ragspec import kvcache
 from ragspec.drafting.eagle_head import EagleHead, target_rows
 from ragspec.models import LoadedModel, cache_dir
+from ragspec.training.checkpoint import TrainState
+from ragspec.training.schedule import batch_rows, learning_rate
 from ragspec.training.teacher import ShardCache, TeacherData, cache_key
 
 CHECKPOINT_EVERY = 50  # steps
@@ -34,14 +35,16 @@ CHECKPOINT_EVERY = 50  # steps
 
 @dataclass(frozen=True)
 class EagleTrainConfig:
+    """One head's training run; the defaults are the measured run (README: EAGLE head)."""
+
     vocab_size: int = 16384  # draft vocabulary: the most frequent tokens (FR-Spec)
     depth: int = 2  # unrolled blocks trained (drafting depths seen in training)
     steps: int = 800
     batch_size: int = 4  # sequences per step
     lr: float = 1e-3
     warmup_steps: int = 30
-    feature_weight: float = 1.0
-    token_weight: float = 0.2
+    feature_weight: float = 1.0  # smooth L1 to the target's hidden states ...
+    token_weight: float = 0.2  # ... plus cross-entropy to its next-token distribution (0 / 1: same agreement)
     noise: float = 0.0  # uniform noise on block 0's input features (EAGLE-1), 0: none
     seed: int = 0
     feature_batch: int = 8
@@ -151,6 +154,9 @@ def token_loss(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torc
 
 
 class EagleTrainer:
+    """AdamW on the head's own weights (fc, decoder layer, norm; the target's embedding and LM
+    rows are buffers, never trained); the schedule is a function of the step (schedule.py)."""
+
     def __init__(self, head: EagleHead, data: TeacherData, features: Features, config: EagleTrainConfig):
         self.head, self.data, self.features, self.config = head.train(), data, features, config
         self.params = [p for p in head.parameters() if p.requires_grad]
@@ -163,7 +169,7 @@ class EagleTrainer:
     def trainable(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.head.named_parameters() if p.requires_grad}
 
-    def restore(self, state) -> None:
+    def restore(self, state: TrainState) -> None:
         with torch.no_grad():
             for name, p in self.head.named_parameters():
                 if name in state.model:
@@ -171,24 +177,9 @@ class EagleTrainer:
         self.optimizer.load_state_dict(state.optimizer)
         self.step, self.losses = state.step, list(state.losses)
 
-    def lr_at(self, step: int) -> float:
-        config = self.config
-        if step < config.warmup_steps:
-            return config.lr * (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-    def batch_rows(self, step: int) -> np.ndarray:
-        count = len(self.data.lengths)
-        rows = []
-        for sample in range(step * self.config.batch_size, (step + 1) * self.config.batch_size):
-            epoch, position = divmod(sample, count)
-            rows.append(np.random.default_rng([self.config.seed, epoch]).permutation(count)[position])
-        return np.array(rows)
-
     def train_step(self) -> float:
         config = self.config
-        rows = self.batch_rows(self.step)
+        rows = batch_rows(self.step, self.config.batch_size, len(self.data.lengths), self.config.seed)
         lengths = self.data.lengths[rows]
         width = int(lengths.max())
         tokens = torch.from_numpy(self.data.tokens[rows, :width]).long()
@@ -197,7 +188,7 @@ class EagleTrainer:
         ids = torch.from_numpy(self.data.topk_ids[rows, :width]).long()[valid]
         logprobs = torch.from_numpy(self.data.topk_logprobs[rows, :width].astype(np.float32))[valid]
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = learning_rate(self.step, self.config.lr, self.config.warmup_steps, self.config.steps)
         loss = torch.zeros(())
         for k, predicted in enumerate(unrolled_forward(self.head, tokens, real, config.depth, config.noise)):
             keep = valid.clone()
@@ -254,7 +245,7 @@ def train_eagle(target: LoadedModel, config: EagleTrainConfig = EagleTrainConfig
     from tqdm.auto import tqdm
 
     from ragspec.drafting.eagle import default_head_dir, save_head
-    from ragspec.training.checkpoint import CHECKPOINT_FILE, TrainState, load_checkpoint, save_checkpoint
+    from ragspec.training.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
     from ragspec.training.draft import prepare_teacher_data
 
     start = time.perf_counter()
