@@ -216,8 +216,10 @@ def train_eagle_command(model, data_dir, threads, quiet, out, num_prompts, num_t
 @click.option("--per-category", type=click.IntRange(min=1), default=3, show_default=True, help="Spec-Bench prompts per category.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Target answer length.")
 @click.option("--depth", type=click.IntRange(min=1), default=5, show_default=True, help="Draft chain depth replayed.")
+@click.option("--vocab", type=click.IntRange(min=1), default=None,
+              help="Draft only the head's this many most frequent tokens (the eagle drafter's default: 8192).")
 @library_errors
-def eval_eagle_command(model, data_dir, threads, quiet, head_path, per_category, max_new_tokens, depth):
+def eval_eagle_command(model, data_dir, threads, quiet, head_path, per_category, max_new_tokens, depth, vocab):
     """Per Spec-Bench category: how often the head's depth-1 draft is the target's next token,
     and greedy chains of `depth` replayed over the target's answers (each depth reading the
     head's own predicted features, as when drafting)."""
@@ -229,7 +231,7 @@ def eval_eagle_command(model, data_dir, threads, quiet, head_path, per_category,
 
     target = _load_target(model, threads)
     path = resolve_head(head_path, target)
-    head = load_head(path, target)
+    head = load_head(path, target, vocab)
     items = target_answers(target, data_dir, per_category, max_new_tokens, progress=not quiet)
     click.echo(f"EAGLE head: {path}")
     click.echo(format_table(evaluate_draft(None, items, depth, hits_of=partial(eagle_hits, head, target.model, depth=depth))))

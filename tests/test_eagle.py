@@ -120,6 +120,10 @@ def test_a_saved_head_loads_back_and_another_targets_head_is_refused(tokenizer, 
         trees.append(drafter.propose(DraftContext(ids, max_nodes=8)))
     assert trees[0].token_ids.tolist() == trees[1].token_ids.tolist() and trees[0].num_nodes > 0
     assert set(trees[0].token_ids.tolist()) <= set(range(5000))  # drafts only from the head's subset
+    # ids are saved most frequent first: a smaller vocab keeps the first ones, rows and all
+    small = load_head(tmp_path / "head", target, vocab=100)
+    assert small.vocab_ids.tolist() == list(range(100))
+    torch.testing.assert_close(small.lm_rows, loaded.lm_rows[:100], atol=0, rtol=0)
 
     other = sharp_tiny("llama", tokenizer, seed=1)
     with pytest.raises(ConfigError, match="trained on"):

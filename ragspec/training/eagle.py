@@ -92,12 +92,14 @@ def target_features(target: LoadedModel, data: TeacherData, batch: int, progress
 
 
 def frequent_tokens(sequences: list[np.ndarray], size: int, always: set[int]) -> torch.Tensor:
-    """The `size` most frequent token ids of `sequences` (and `always`, e.g. EOS), sorted."""
+    """`always` (e.g. EOS), then the most frequent other token ids of `sequences`, most frequent
+    first, `size` in all: any prefix is a smaller frequent-token subset (EagleDraftConfig.vocab)."""
     counts = collections.Counter()
     for seq in sequences:
         counts.update(np.asarray(seq).tolist())
-    chosen = set(always) | {token for token, _ in counts.most_common(max(0, size - len(always)))}
-    return torch.tensor(sorted(chosen), dtype=torch.long)
+    first = sorted(always)
+    ranked = [token for token, _ in counts.most_common() if token not in always]
+    return torch.tensor((first + ranked)[:size], dtype=torch.long)
 
 
 def unrolled_mask(length: int, depth: int, dtype: torch.dtype) -> torch.Tensor:
