@@ -76,12 +76,15 @@ class FeatureMemory:
 
 
 class EagleDraftLM(DraftLM):
+    """A DraftLM over the head, holding the target's features of the committed tokens and the
+    head's own output per block row (see the module docstring for which row reads which)."""
+
     def __init__(self, head: EagleHead, target: LoadedModel):
         super().__init__(head, head.config, device=target.device, dtype=head.fc.weight.dtype,
                          context_length=target.context_length)
         self.vocab_size = target.vocab_size
         hidden = int(head.config.hidden_size)
-        self.features = torch.zeros(0, hidden, dtype=head.fc.weight.dtype)  # [positions, hidden] target f[j]
+        self.features = torch.zeros(0, hidden, dtype=head.fc.weight.dtype, device=target.device)  # [positions, hidden]
         self.known = 0  # features of positions [0, known) were added (zeros where never reported)
         self.block_outputs: list[torch.Tensor] = []  # [block rows] the head's output per block row
         self._last_causal: torch.Tensor | None = None
