@@ -45,7 +45,6 @@ class EagleTrainConfig:
     warmup_steps: int = 30
     feature_weight: float = 1.0  # smooth L1 to the target's hidden states ...
     token_weight: float = 0.2  # ... plus cross-entropy to its next-token distribution (0 / 1: same agreement)
-    noise: float = 0.0  # uniform noise on block 0's input features (EAGLE-1), 0: none
     seed: int = 0
     feature_batch: int = 8
 
@@ -122,14 +121,11 @@ def unrolled_mask(length: int, depth: int, dtype: torch.dtype) -> torch.Tensor:
     return mask[None, None]
 
 
-def unrolled_forward(head: EagleHead, tokens: torch.Tensor, features: torch.Tensor, depth: int,
-                     noise: float = 0.0) -> list[torch.Tensor]:
+def unrolled_forward(head: EagleHead, tokens: torch.Tensor, features: torch.Tensor, depth: int) -> list[torch.Tensor]:
     """Predicted features of each block [depth] x [b, length, hidden] (see the module docstring).
     tokens [b, length]; features [b, length, hidden] the target's real ones."""
     b, length, hidden = features.shape
     shifted = torch.cat([features.new_zeros(b, 1, hidden), features[:, :-1]], dim=1)  # f[j - 1]
-    if noise > 0:
-        shifted = shifted + (torch.rand_like(shifted) - 0.5) * 2 * noise
     positions = torch.arange(length)[None].expand(b, -1)
     mask = unrolled_mask(length, depth, torch.float32)
     cache = kvcache.new_cache(head.config)  # blocks 0..k-1 stay cached while block k runs
@@ -192,7 +188,7 @@ class EagleTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, self.config.lr, self.config.warmup_steps, self.config.steps)
         loss = torch.zeros(())
-        for k, predicted in enumerate(unrolled_forward(self.head, tokens, real, config.depth, config.noise)):
+        for k, predicted in enumerate(unrolled_forward(self.head, tokens, real, config.depth)):
             keep = valid.clone()
             keep[:, :k] = False  # a depth-k chain starts k rows in
             feature = torch.nn.functional.smooth_l1_loss(predicted[keep], real[keep])
