@@ -72,18 +72,20 @@ def _engine(model, dtype, device, draft_model=None, eagle_head=None, **engine_op
     a wrong path or tokenizer is reported before any prompt); with `eagle_head`, the "eagle" one."""
     from transformers.utils import logging as hf_logging
 
-    from ragspec import Engine
+    from ragspec import Engine, SpecConfig
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     if draft_model is not None:
-        from ragspec.drafting.model import with_draft_model
+        from ragspec.drafting.model import ModelDraftConfig
 
-        engine_options["spec"] = with_draft_model(engine_options.get("spec"), draft_model)
+        spec = engine_options.get("spec") or SpecConfig()
+        engine_options["spec"] = spec.with_drafter("model", ModelDraftConfig(model=draft_model))
     if eagle_head is not None:
-        from ragspec.drafting.eagle import with_eagle_head
+        from ragspec.drafting.eagle import EagleDraftConfig
 
-        engine_options["spec"] = with_eagle_head(engine_options.get("spec"), eagle_head)
+        spec = engine_options.get("spec") or SpecConfig()
+        engine_options["spec"] = spec.with_drafter("eagle", EagleDraftConfig(model=eagle_head))
     context = click.get_current_context(silent=True)
     backend = context.meta.get("ragspec.backend", "transformers") if context else "transformers"
     engine = Engine(model, dtype=None if dtype == "auto" else dtype, device=device, backend=backend, **engine_options)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ragspec.errors import ConfigError
 
@@ -74,6 +74,14 @@ class SpecConfig:
     # past responses: one store per "index" (requests without one share another), or one "global"
     # store; with Engine(persist_state=True) a per-index store is saved in the index directory
     past_scope: str = "index"
+
+    def with_drafter(self, name: str, option=None) -> "SpecConfig":
+        """This config with drafter `name` added (once), and `option` replacing any option of its type."""
+        drafters = self.drafters if name in self.drafters else (*self.drafters, name)
+        options = self.options
+        if option is not None:
+            options = (*(kept for kept in options if type(kept) is not type(option)), option)
+        return replace(self, drafters=drafters, options=options)
 
     def __post_init__(self) -> None:
         if self.max_nodes < 0 or self.min_nodes < 0 or self.min_nodes > self.max_nodes:

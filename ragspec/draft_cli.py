@@ -137,13 +137,21 @@ def _config(data_dir: Path, layers: str | None, overrides: dict):
     return config
 
 
+def _replay_options(command):
+    """The options of the eval commands: which target answers are replayed, how deep."""
+    command = click.option("--depth", type=click.IntRange(min=1), default=5, show_default=True,
+                           help="Draft chain depth replayed.")(command)
+    command = click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+                           help="Target answer length.")(command)
+    return click.option("--per-category", type=click.IntRange(min=1), default=3, show_default=True,
+                        help="Spec-Bench prompts per category.")(command)
+
+
 @draft_group.command("eval")
 @_target_options
 @click.option("--draft", "draft_path", default="auto", show_default=True,
               help="Draft model dir; auto: the trained one for the target (trained first if missing).")
-@click.option("--per-category", type=click.IntRange(min=1), default=3, show_default=True, help="Spec-Bench prompts per category.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Target answer length.")
-@click.option("--depth", type=click.IntRange(min=1), default=5, show_default=True, help="Draft chain depth replayed.")
+@_replay_options
 @library_errors
 def eval_command(model, data_dir, threads, quiet, draft_path, per_category, max_new_tokens, depth):
     """Top-1 agreement of the draft with the target and replayed chain speculation, per Spec-Bench
@@ -213,9 +221,7 @@ def train_eagle_command(model, data_dir, threads, quiet, out, num_prompts, num_t
 @_target_options
 @click.option("--head", "head_path", default="auto", show_default=True,
               help="EAGLE head folder; auto: the one trained for the target (trained first if missing).")
-@click.option("--per-category", type=click.IntRange(min=1), default=3, show_default=True, help="Spec-Bench prompts per category.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True, help="Target answer length.")
-@click.option("--depth", type=click.IntRange(min=1), default=5, show_default=True, help="Draft chain depth replayed.")
+@_replay_options
 @click.option("--vocab", type=click.IntRange(min=1), default=None,
               help="Draft only the head's this many most frequent tokens (the eagle drafter's default: 8192).")
 @library_errors

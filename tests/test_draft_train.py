@@ -242,7 +242,10 @@ def test_tiny_eagle_head_trains_resumes_and_drafts(peaked_target, tmp_path):
     heads = [load_head(tmp_path / name, peaked_target) for name in ("whole", "split")]
     for (name, a), b in zip(heads[0].state_dict().items(), heads[1].state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
-    assert len(heads[0].vocab_ids) <= 512
+    ids = heads[0].vocab_ids  # EOS first, then the most frequent: any prefix is a smaller subset
+    assert 0 < len(ids) <= 512 and len(set(ids.tolist())) == len(ids)
+    assert set(ids[: len(peaked_target.eos_token_ids)].tolist()) == set(peaked_target.eos_token_ids)
+    assert torch.equal(load_head(tmp_path / "whole", peaked_target, 8).vocab_ids, ids[:8])
     item = EvalItem("qa", 1, list(range(100, 120)), list(range(120, 130)))
     hits = eagle_hits(heads[0], peaked_target.model, item, depth=3)
     assert hits.shape == (3, 10)

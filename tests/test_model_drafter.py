@@ -247,6 +247,14 @@ def test_draft_model_with_another_tokenizer_is_refused(tiny_llama, tokenizer):
         model_engine(tiny_llama, None).generate("Hello", max_new_tokens=4)
 
 
+def test_with_drafter_adds_the_drafter_once_and_replaces_its_option():
+    spec = SpecConfig(drafters=("context",)).with_drafter("model", ModelDraftConfig(model="a"))
+    again = spec.with_drafter("model", ModelDraftConfig(model="b"))
+    assert spec.drafters == again.drafters == ("context", "model")
+    assert [option.model for option in again.options] == ["b"]
+    assert again.with_drafter("context").options == again.options
+
+
 def test_draft_model_given_by_path_is_loaded_once_per_engine(tiny_llama, tokenizer, tmp_path, monkeypatch):
     import ragspec.models
 

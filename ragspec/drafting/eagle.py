@@ -20,7 +20,7 @@ from the engine's `FeatureMemory` of earlier requests; features never reported a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +29,6 @@ import torch
 from ragspec import kvcache
 from ragspec.drafting.eagle_head import EagleHead, target_rows
 from ragspec.drafting.model import DraftCosts, DraftLM, ModelDraftConfig, ModelTreeDrafter
-from ragspec.config import SpecConfig
 from ragspec.errors import ConfigError
 from ragspec.models import LoadedModel
 from ragspec.types import StepResult
@@ -217,14 +216,6 @@ def resolve_head(spec: str, target: LoadedModel) -> Path:
 
         train_eagle(target, out_dir=path)
     return path
-
-
-def with_eagle_head(spec: SpecConfig | None, head: str) -> SpecConfig:
-    """`spec` (default SpecConfig()) with the "eagle" drafter added, drafting with `head`."""
-    spec = spec or SpecConfig()
-    options = tuple(option for option in spec.options if type(option) is not EagleDraftConfig)
-    drafters = spec.drafters if "eagle" in spec.drafters else (*spec.drafters, "eagle")
-    return replace(spec, drafters=drafters, options=(*options, EagleDraftConfig(model=head)))
 
 
 def engine_head(engine, head: str, vocab: int | None = EagleDraftConfig.vocab) -> EagleHead:

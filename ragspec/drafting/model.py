@@ -32,7 +32,7 @@ import hashlib
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ragspec import kvcache
-from ragspec.config import SamplingConfig, SpecConfig
+from ragspec.config import SamplingConfig
 from ragspec.drafting.base import DraftContext, ema
 from ragspec.drafting.tree import prune
 from ragspec.errors import ConfigError
@@ -559,14 +559,6 @@ def engine_draft_model(engine, model: str | LoadedModel | None) -> LoadedModel:
     if isinstance(model, LoadedModel) or model is None:
         return load_draft_model(model, engine.target)
     return engine.shared_state(f"draft-model:{model}", lambda: load_draft_model(model, engine.target))
-
-
-def with_draft_model(spec: SpecConfig | None, model: str | LoadedModel, **knobs) -> SpecConfig:
-    """`spec` (default SpecConfig()) with the "model" drafter added, drafting with `model`."""
-    spec = spec or SpecConfig()
-    options = tuple(option for option in spec.options if type(option) is not ModelDraftConfig)
-    drafters = spec.drafters if "model" in spec.drafters else (*spec.drafters, "model")
-    return replace(spec, drafters=drafters, options=(*options, ModelDraftConfig(model=model, **knobs)))
 
 
 def build_model_drafter(request: DraftRequest, config: ModelDraftConfig) -> ModelTreeDrafter:
