@@ -192,6 +192,30 @@ def test_a_plain_step_is_remeasured_when_its_end_of_the_curve_is_unknown_or_stal
     assert wanted.index(True) == EXPLORE_EVERY - 1  # after EXPLORE_EVERY drafted steps since the plain one
 
 
+def test_drafting_is_remeasured_with_a_step_sized_by_how_likely_the_drafts_are():
+    """A slope read off one noisy small step (16 -> 20 tokens, 12 ms a token) stops drafting; the
+    step that re-measures it EXPLORE_EVERY steps later is large for likely drafts, so the slope
+    comes from many tokens, and one bin past the plain step for unlikely ones."""
+    def noisy_start():
+        cost = StepCost(batch_class(ROWS))
+        for _ in range(3):
+            cost.observe(ROWS, ROWS, 0.096)
+        cost.observe(ROWS, ROWS + 4, 0.143)
+        return cost
+
+    likely, unlikely = [[0.95] * K for _ in range(ROWS)], [[0.2] * K for _ in range(ROWS)]
+    for chains, expected in ((likely, None), (unlikely, noisy_start().width)):
+        cost = noisy_start()
+        assert sum(plan_step(cost, ROWS, chains, K)) == 0  # the steep slope: plain steps
+        for _ in range(EXPLORE_EVERY):
+            cost.observe(ROWS, ROWS, 0.096)
+        explored = sum(plan_step(cost, ROWS, chains, K))
+        if expected is None:
+            assert explored == cost.allowed_drafts(ROWS, K) > cost.width
+        else:
+            assert explored == expected
+
+
 def test_curves_round_trip_through_the_cache(tmp_path):
     costs = StepCosts()
     for tokens in range(16, 60, 3):

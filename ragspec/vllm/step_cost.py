@@ -20,7 +20,8 @@ the curve is extrapolated with its steepest recent slope (convex: the marginal c
 and the step may carry at most twice the drafts of the largest step measured (slow start), so it
 learns the cost of large steps gradually; a large step that did not pay is in the curve the next
 step, and the argmax backs off. As in NodeBudget, a plain step is taken after EXPLORE_EVERY steps
-without one, and a drafted one after EXPLORE_EVERY without drafts, to keep both costs current; a
+without one, and a drafted one after EXPLORE_EVERY without drafts (sized optimistically:
+`exploration_size`), to keep both costs current; a
 bin no step refreshed for FORGET_AFTER steps is dropped, so that one slow measurement cannot rule
 out larger steps for good.
 
@@ -48,6 +49,7 @@ EXPLORE_EVERY = 32  # class steps without a plain (or a drafted) step before one
 SPIKE = 2.0  # a step measured above this many times its predicted seconds counts as this many (a stall, not the cost)
 FORGET_AFTER = 256  # class steps after which a bin no step refreshed is dropped (re-explored if worth it)
 BINS_PER_ROW_CLASS = 4  # bin width = max(1, smallest row count of the class // this)
+OPTIMISTIC_TOKEN_SHARE = 0.5  # re-measuring drafting: a draft token assumed to cost this share of a plain row
 
 
 def batch_class(rows: int) -> int:
@@ -215,12 +217,21 @@ def plan_step(cost: StepCost | None, rows: int, chains: list[list[float]], k: in
         if best > 0 and cost.wants_plain(rows):
             best = 0
         elif best == 0 and limit > 0 and cost.since_drafted >= EXPLORE_EVERY:
-            # re-measure the best drafted step, past the plain step's bin where the cap allows
-            first = min(limit, cost.width)
-            best = first + int(np.argmax(throughput[first:]))
+            best = exploration_size(expected, float(seconds[0]), rows, limit, cost.width)
     for _, _, row in ranked[:best]:
         lengths[row] += 1
     return lengths
+
+
+def exploration_size(expected: np.ndarray, plain_seconds: float, rows: int, limit: int, width: int) -> int:
+    """Drafts of a step taken to re-measure drafting: the best step if each draft token cost
+    OPTIMISTIC_TOKEN_SHARE of a plain row's share of the step, at least one bin past the plain
+    step. Likely drafts get a large step, which measures the curve's slope over many tokens
+    (a slope read off a few tokens is mostly timing noise, and a steep one would stop drafting
+    for another EXPLORE_EVERY steps); unlikely ones a small step. `expected` [limit + 1]: rows
+    plus the expected accepted tokens of the best n drafts, n = 0..limit."""
+    optimistic = plain_seconds * (1.0 + OPTIMISTIC_TOKEN_SHARE * np.arange(limit + 1) / rows)
+    return max(min(limit, width), int(np.argmax(expected / optimistic)))
 
 
 class StepCosts:
