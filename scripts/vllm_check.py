@@ -9,8 +9,10 @@
    (this script runs there first; `ragspec.models` dequantises it once into cache_dir()).
 3. Runs every method in its own process in .venv-vllm: no speculation, vLLM's `ngram`, `suffix`
    (if installed) and ragspec (`custom_class` -> ragspec.vllm.RagspecProposer), greedy, on
-   Spec-Bench summarization and rag prompts and MT-Redundant (turn 2, after turn 1 answered
-   by the no-speculation run), at batch 1 (one request at a time) and batch 16 (all at once).
+   Spec-Bench summarization and rag prompts and MT-Redundant (turn 2: every method first answers
+   turn 1 untimed, so its prefix cache holds the earlier turn; the prompts carry the
+   no-speculation run's answers), at batch 1 (one request at a time) and batch 16 (all at
+   once). `--rounds N` runs the methods N times in turn and pools their times.
 4. Writes docs/bench/vllm-cpu-check.{json,md}: per method, workload and batch size, whether the
    outputs are identical to no speculation, mean acceptance length (generated tokens per target
    forward: generated / (generated - accepted drafts)) and tokens/s.
@@ -81,38 +83,66 @@ def outer(args: argparse.Namespace) -> None:
     methods = [m for m in args.methods.split(",") if m != "suffix" or info["suffix"]]
     work = ROOT / "bench-results" / "vllm-check"
     work.mkdir(parents=True, exist_ok=True)
-    results = {}
     reuse = set(args.reuse.split(",")) if args.reuse else set()
-    for method in methods:  # "none" first: its turn-1 answers are MT-Redundant's history
-        out = work / f"{method}.json"
-        if method in reuse and out.is_file():  # an earlier run's results (same settings)
-            results[method] = json.loads(out.read_text())
-            continue
-        command = [str(VENV_PY), __file__, "--inner", method, "--model", str(model), "--out", str(out),
-                   "--data-dir", str(args.data_dir), "--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens),
-                   "--prompts-b1", str(args.prompts_b1), "--prompts-b16", str(args.prompts_b16),
-                   "--history", str(work / "none.json"), "--ragspec-settings", args.ragspec_settings]
-        print(f"[vllm-check] {method} ...", flush=True)
-        start = time.perf_counter()
-        # one process (the engine core in-process): the proposer runs where this script can see it
-        # no core binding and passive OpenMP waits: with vLLM's default binding (a spinning thread
-        # pinned per core) a shared machine ran at 0.1 tokens/s; unbound, 8 tokens/s (measured here)
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-               "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE"}
-        done = subprocess.run(["nice", "-n", str(args.nice), *command], env=env)
-        if done.returncode != 0:
-            results[method] = {"error": f"exit status {done.returncode}"}
-            continue
-        results[method] = json.loads(out.read_text())
-        print(f"[vllm-check] {method} done in {time.perf_counter() - start:.0f} s", flush=True)
-    report = summarise(results, info, args, model)
+    if reuse and args.rounds > 1:
+        raise SystemExit("--reuse keeps one earlier run: use it with --rounds 1")
+    rounds: dict[str, list[dict]] = {}
+    errors: dict[str, str] = {}
+    for round_ in range(args.rounds):  # the methods alternate: a slow minute hits each round, not one method
+        for method in methods:  # "none" first: its turn-1 answers are MT-Redundant's history
+            out = work / (f"{method}.json" if args.rounds == 1 else f"{method}-{round_}.json")
+            if method in reuse and out.is_file():  # an earlier run's results (same settings)
+                rounds.setdefault(method, []).append(json.loads(out.read_text()))
+                continue
+            history = work / ("none.json" if args.rounds == 1 else "none-0.json")
+            result = run_method(args, method, model, out, history)
+            if "error" in result:
+                errors[method] = result["error"]
+            else:
+                rounds.setdefault(method, []).append(result)
+    results = {method: pool_rounds(each) for method, each in rounds.items()}
+    report = summarise(results, errors, info, args, model)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "vllm-cpu-check.json").write_text(json.dumps(report, indent=1))
     (OUT_DIR / "vllm-cpu-check.md").write_text(markdown(report))
     print(markdown(report))
 
 
-def summarise(results: dict, info: dict, args: argparse.Namespace, model: Path) -> dict:
+def run_method(args: argparse.Namespace, method: str, model: Path, out: Path, history: Path) -> dict:
+    """One method's run in its own process in .venv-vllm: its results, or {"error": ...}."""
+    command = [str(VENV_PY), __file__, "--inner", method, "--model", str(model), "--out", str(out),
+               "--data-dir", str(args.data_dir), "--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens),
+               "--prompts-b1", str(args.prompts_b1), "--prompts-b16", str(args.prompts_b16),
+               "--history", str(history), "--ragspec-settings", args.ragspec_settings]
+    print(f"[vllm-check] {method} ...", flush=True)
+    start = time.perf_counter()
+    # one process (the engine core in-process): the proposer runs where this script can see it
+    # no core binding and passive OpenMP waits: with vLLM's default binding (a spinning thread
+    # pinned per core) a shared machine ran at 0.1 tokens/s; unbound, 8 tokens/s (measured here)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE"}
+    done = subprocess.run(["nice", "-n", str(args.nice), *command], env=env)
+    if done.returncode != 0:
+        return {"error": f"exit status {done.returncode}"}
+    print(f"[vllm-check] {method} done in {time.perf_counter() - start:.0f} s", flush=True)
+    return json.loads(out.read_text())
+
+
+def pool_rounds(each: list[dict]) -> dict:
+    """One method's rounds as one result: tokens, drafts and seconds summed per workload and
+    batch (greedy: the outputs are the first round's; `consistent` says whether every round's
+    were the same), each round's tokens/s kept."""
+    runs = {}
+    for key, first in each[0]["runs"].items():
+        same = [result["runs"][key] for result in each]
+        runs[key] = {**first, **{field: sum(run[field] for run in same)
+                                 for field in ("seconds", "generated_tokens", "drafted_tokens", "accepted_tokens")},
+                     "round_tokens_per_s": [run["generated_tokens"] / run["seconds"] for run in same],
+                     "consistent": all(run["outputs"] == first["outputs"] for run in same)}
+    return {"method": each[0]["method"], "runs": runs}
+
+
+def summarise(results: dict, errors: dict, info: dict, args: argparse.Namespace, model: Path) -> dict:
     baseline = results.get("none", {}).get("runs", {})
     rows = []
     for method, result in results.items():
@@ -128,11 +158,14 @@ def summarise(results: dict, info: dict, args: argparse.Namespace, model: Path) 
                 "drafted_tokens": run["drafted_tokens"], "accepted_tokens": accepted,
                 "tokens_per_s": generated / run["seconds"],
                 "speedup_vs_none": None if base is None else (generated / run["seconds"]) / (base["generated_tokens"] / base["seconds"]),
+                "round_speedups_vs_none": None if base is None else [
+                    mine / theirs for mine, theirs in zip(run["round_tokens_per_s"], base["round_tokens_per_s"])],
+                "consistent_across_rounds": run["consistent"],
             })
     return {"setup": {**info, "model": str(model), "k": args.k, "max_new_tokens": args.max_new_tokens,
                       "ragspec_settings": json.loads(args.ragspec_settings), "reused": args.reuse,
                       "prompts_batch1": args.prompts_b1, "prompts_batch16": args.prompts_b16,
-                      "methods": list(results), "errors": {m: r["error"] for m, r in results.items() if "error" in r},
+                      "rounds": args.rounds, "methods": list(results), "errors": errors,
                       "cpu_count": os.cpu_count(), "load_average": os.getloadavg()},
             "rows": rows}
 
@@ -142,7 +175,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# RagspecProposer through vLLM (vllm-cpu 0.32.0), embedded SmolLM2-135M fp32",
         "",
-        f"Greedy, k = {setup['k']} draft tokens, {setup['max_new_tokens']} new tokens; batch 16: the first "
+        f"Greedy, k = {setup['k']} draft tokens, {setup['max_new_tokens']} new tokens, {setup.get('rounds', 1)} "
+        f"round(s) of every method in turn (tokens/s over all of them); batch 16: the first "
         f"{setup['prompts_batch16']} prompts of each workload at once, batch 1: the {setup['prompts_batch1']} after "
         f"them one at a time (no prompt asked twice). "
         f"RagspecProposer settings: `{json.dumps(setup['ragspec_settings'])}`"
@@ -151,14 +185,18 @@ def markdown(report: dict) -> str:
         f"{', '.join(f'{x:.1f}' for x in setup['load_average'])} at the end (timings are distorted under load). "
         f"`suffix`: {'run' if setup.get('suffix') else 'not installable here: ' + (setup.get('suffix_error') or '?')[-200:]}.",
         "",
-        "| workload | batch | method | identical to none | mean acceptance length | tokens/s | vs none |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| workload | batch | method | identical to none | mean acceptance length | tokens/s | vs none | vs none per round |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in sorted(report["rows"], key=lambda r: (r["workload"], r["batch"], METHODS.index(r["method"]))):
         same = "-" if row["identical_to_none"] is None else f"{row['identical_requests']}/{row['requests']}"
         speedup = "-" if row["speedup_vs_none"] is None else f"{row['speedup_vs_none']:.2f}x"
+        per_round = "-" if row["round_speedups_vs_none"] is None else \
+            " ".join(f"{x:.2f}" for x in row["round_speedups_vs_none"])
+        if not row["consistent_across_rounds"]:
+            same += " (rounds differ)"
         lines.append(f"| {row['workload']} | {row['batch']} | {row['method']} | {same} | "
-                     f"{row['mean_acceptance_length']:.2f} | {row['tokens_per_s']:.1f} | {speedup} |")
+                     f"{row['mean_acceptance_length']:.2f} | {row['tokens_per_s']:.1f} | {speedup} | {per_round} |")
     if setup["errors"]:
         lines += ["", "Errors: " + ", ".join(f"{m}: {e}" for m, e in setup["errors"].items())]
     return "\n".join(lines) + "\n"
@@ -227,10 +265,13 @@ def inner(args: argparse.Namespace) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
     history_path = Path(args.history)
     history = json.loads(history_path.read_text()).get("history", {}) if history_path.is_file() and method != "none" else {}
-    if method == "none":  # MT-Redundant turn 1, answered once, untimed
-        workloads = load_workloads_module()
-        first = workloads.load_workload("mt_redundant", args.data_dir, limit=args.prompts_b16 + args.prompts_b1)
-        outs = llm.chat([[{"role": "user", "content": r.user_turns[0]}] for r in first.requests], params, use_tqdm=False)
+    # MT-Redundant turn 1, answered untimed by every method, so that each finds the same earlier
+    # turns in vLLM's prefix cache (only "none" answering it gave "none" alone a cached turn 2
+    # prefix); turn 2's prompts carry none's answers (every method's are identical when lossless)
+    workloads = load_workloads_module()
+    first = workloads.load_workload("mt_redundant", args.data_dir, limit=args.prompts_b16 + args.prompts_b1)
+    outs = llm.chat([[{"role": "user", "content": r.user_turns[0]}] for r in first.requests], params, use_tqdm=False)
+    if method == "none":
         history = {f"mt_redundant:{i}": o.outputs[0].text for i, o in enumerate(outs)}
     llm.chat([[{"role": "user", "content": "Say hello."}]], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
     runs = {}
@@ -272,6 +313,8 @@ def main() -> None:
     parser.add_argument("--nice", type=int, default=0, help="niceness of the vLLM runs (19 on a shared machine)")
     parser.add_argument("--ragspec-settings", default='{"drafters": ["context", "past"]}',
                         help="additional_config['ragspec'] for RagspecProposer (JSON)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs of every method, alternating; tokens/s pooled over them, each round's speedup listed")
     parser.add_argument("--reuse", default="", help="methods whose results from an earlier run are kept, e.g. none,ngram")
     args = parser.parse_args()
     if args.inner:
