@@ -6,6 +6,8 @@ installs it and runs this file, and under CI (CI set) a missing llama_cpp fails 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import importlib.util
 import os
 
@@ -213,15 +215,28 @@ def test_adversarial_trees_and_prefix_reuse_stay_lossless(llama_target):
         assert fast.token_ids == plain.token_ids[:MAX_NEW], f"the oracle's trees changed the output for {prompt!r}"
         oracle_accepted += fast.stats.accepted_per_source.get("oracle", 0)
     assert oracle_accepted > len(prompts) * MAX_NEW // 4
-    # next turn of a chat: the cached turns are reused, the output is the cold engine's
-    chat = Engine(llama_target, latency_curve=FLAT_CURVE)
-    first = [{"role": "user", "content": "List three colours."}]
-    answer = chat.generate(first, max_new_tokens=16)
-    second = [*first, {"role": "assistant", "content": answer.text}, {"role": "user", "content": "Again."}]
-    warm = chat.generate(second, max_new_tokens=32)
-    cold = plain_engine.generate(second, max_new_tokens=32, speculative=False)
-    assert warm.stats.cached_prompt_tokens > len(chat.encode(first)) // 2
-    assert warm.token_ids == cold.token_ids
+
+
+def test_a_next_turn_reuses_whole_prefill_chunks_and_equals_a_cold_request(llama_target, monkeypatch):
+    """A chat's next turn reuses the cached rows a cold prefill computes the same way (whole
+    n_batch chunks from position 0), so its output is the cold engine's; with exact_prefix off
+    it reuses every cached row."""
+    story = "The river carried the old boat past the mill, the bridge and the church at dawn. " * 40
+    first = [{"role": "user", "content": story + "Where did the boat go?"}]
+    chunk = llama_target.options.n_batch
+    plain_engine = Engine(llama_target, latency_curve=FLAT_CURVE, prefix_cache=False)
+    assert chunk < len(plain_engine.encode(first)) < 2 * chunk
+    for exact in (True, False):
+        monkeypatch.setattr(llama_target, "options", replace(llama_target.options, exact_prefix=exact))
+        chat = Engine(llama_target, latency_curve=FLAT_CURVE)
+        answer = chat.generate(first, max_new_tokens=16)
+        second = [*first, {"role": "assistant", "content": answer.text}, {"role": "user", "content": "And then?"}]
+        warm = chat.generate(second, max_new_tokens=32)
+        if exact:
+            assert warm.stats.cached_prompt_tokens == chunk
+            assert warm.token_ids == plain_engine.generate(second, max_new_tokens=32, speculative=False).token_ids
+        else:
+            assert warm.stats.cached_prompt_tokens >= len(chat.encode(first))
 
 
 def test_drafters_that_run_torch_layers_say_so_or_stay_off(llama_target):
