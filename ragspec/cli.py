@@ -76,15 +76,14 @@ def _engine(model, dtype, device, draft_model=None, eagle_head=None, **engine_op
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    spec = engine_options.get("spec") or SpecConfig()
     if draft_model is not None:
         from ragspec.drafting.model import ModelDraftConfig
 
-        spec = engine_options.get("spec") or SpecConfig()
-        engine_options["spec"] = spec.with_drafter("model", ModelDraftConfig(model=draft_model))
+        engine_options["spec"] = spec = spec.with_drafter("model", ModelDraftConfig(model=draft_model))
     if eagle_head is not None:
         from ragspec.drafting.eagle import EagleDraftConfig
 
-        spec = engine_options.get("spec") or SpecConfig()
         engine_options["spec"] = spec.with_drafter("eagle", EagleDraftConfig(model=eagle_head))
     context = click.get_current_context(silent=True)
     backend = context.meta.get("ragspec.backend", "transformers") if context else "transformers"
