@@ -379,7 +379,8 @@ def sharpened(model, factor: float = SHARPEN):
 
 def test_cli_generate_with_a_draft_model(tokenizer, tmp_path, monkeypatch):
     """A target four times the draft model's cost (its deep twin) with the same argmax: the
-    drafter pays under the measured latency curve and the reply is the plain one."""
+    drafter pays under the measured latency curve and the reply is the plain one; with an EAGLE
+    head added too, the same reply; another target's head is refused before any prompt."""
     from click.testing import CliRunner
 
     from ragspec.cli import main
@@ -395,6 +396,21 @@ def test_cli_generate_with_a_draft_model(tokenizer, tmp_path, monkeypatch):
     plain = runner.invoke(main, ["generate", "a b c a b c a b", "--raw", "--no-spec", *common])
     assert plain.exit_code == 0 and plain.stdout == spec.stdout
     assert "source model: accepted" in spec.stderr, spec.stderr
+
+    from ragspec.drafting.eagle import save_head
+    from ragspec.models import load_model
+    from test_eagle import random_head
+
+    loaded = load_model(target, dtype="float32", device="cpu")
+    save_head(random_head(loaded, seed=3), loaded, tmp_path / "head", {"note": "random, for tests"})
+    both = runner.invoke(main, ["generate", "a b c a b c a b", "--raw", "--stats", "--draft-model", draft,
+                                "--eagle-head", str(tmp_path / "head"), *common])
+    assert both.exit_code == 0 and both.stdout == spec.stdout, both.output
+    save_head(random_head(sharp_tiny("llama", tokenizer, seed=0)), sharp_tiny("llama", tokenizer, seed=0),
+              tmp_path / "foreign", {"note": "another target's"})
+    foreign = runner.invoke(main, ["generate", "hi", "--eagle-head", str(tmp_path / "foreign"), *common])
+    assert foreign.exit_code == 1 and foreign.stderr.startswith(f"Error: the EAGLE head in {tmp_path / 'foreign'} "
+                                                                 "was trained on "), foreign.stderr
 
     other_tokenizer = copy.deepcopy(tokenizer)
     other_tokenizer.add_tokens(["<an-extra-token>"])
