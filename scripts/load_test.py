@@ -46,6 +46,8 @@ class Sample:
     output_tokens: int = 0
     mean_acceptance_length: float = 0.0
     error: str = ""
+    prompt: int = -1  # index in the cell's prompts
+    text: str = ""  # the streamed answer
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Cell:
     mode: str
     wall_s: float = 0.0
     samples: list[Sample] = field(default_factory=list)
+    identical: tuple[int, int] | None = None  # speculative cells: (answers equal to plain's, answers compared)
 
     def summary(self) -> dict:
         done = [s for s in self.samples if s.ok]
@@ -72,6 +75,7 @@ class Cell:
             "mean_acceptance_length": round(statistics.fmean([s.mean_acceptance_length for s in done]), 3)
             if done else 0.0,
             "first_errors": [s.error for s in self.samples if not s.ok][:3],
+            "identical_to_plain": None if self.identical is None else "{}/{}".format(*self.identical),
         }
 
 
@@ -103,7 +107,7 @@ def load_prompts(workload: str, data_dir: Path) -> list[dict]:
 def one_request(url: str, body: dict, timeout: float) -> Sample:
     """Stream one chat completion; time to first text and to the end, tokens from the usage chunk."""
     start = time.perf_counter()
-    ttft, usage = None, None
+    ttft, usage, pieces = None, None, []
     try:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=timeout) as response:
             if response.status_code != 200:
@@ -114,8 +118,10 @@ def one_request(url: str, body: dict, timeout: float) -> Sample:
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     return Sample(False, error=chunk["error"]["message"])
-                if ttft is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                    ttft = time.perf_counter() - start
+                content = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
+                if content:
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    pieces.append(content)
                 usage = chunk.get("usage") or usage
     except httpx.HTTPError as exc:
         return Sample(False, error=f"{type(exc).__name__}: {exc}")
@@ -123,24 +129,25 @@ def one_request(url: str, body: dict, timeout: float) -> Sample:
         return Sample(False, error="no usage chunk")
     end = time.perf_counter() - start
     return Sample(True, ttft if ttft is not None else end, end, usage["completion_tokens"],
-                  usage["ragspec"]["mean_acceptance_length"])
+                  usage["ragspec"]["mean_acceptance_length"], text="".join(pieces))
 
 
 def run_cell(url: str, cell: Cell, prompts: list[dict], args, model_id: str) -> None:
     """`cell.clients` threads, each sending its share of `prompts` one after another."""
     deadline = time.perf_counter() + args.cell_seconds
     lock = threading.Lock()
-    queue = list(prompts)
+    queue = list(enumerate(prompts))
 
     def client() -> None:
         while time.perf_counter() < deadline:
             with lock:
                 if not queue:
                     return
-                prompt = queue.pop(0)
+                index, prompt = queue.pop(0)
             body = {**prompt, "model": model_id, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}, "speculative": MODES[cell.mode]}
             sample = one_request(url, body, args.request_timeout)
+            sample.prompt = index
             with lock:
                 cell.samples.append(sample)
 
@@ -228,8 +235,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers.values():
             server.stop()
+    compare_with_plain(cells)
     write_report(args, [c.summary() for c in cells], notes)
     return 0 if all(c.summary()["errors"] == 0 for c in cells) else 1
+
+
+def compare_with_plain(cells: list[Cell]) -> None:
+    """Each speculative cell's answers against the plain cell's for the same prompts (greedy: equal
+    in float32 when nothing is lost or mixed up between concurrent streams)."""
+    plain = {(c.workload, c.clients): {s.prompt: s.text for s in c.samples if s.ok} for c in cells if c.mode == "plain"}
+    for cell in cells:
+        reference = plain.get((cell.workload, cell.clients))
+        if cell.mode == "plain" or reference is None:
+            continue
+        pairs = [(s.text, reference[s.prompt]) for s in cell.samples if s.ok and s.prompt in reference]
+        cell.identical = (sum(mine == theirs for mine, theirs in pairs), len(pairs))
 
 
 def write_report(args, rows: list[dict], notes: list[str]) -> None:
@@ -241,12 +261,12 @@ def write_report(args, rows: list[dict], notes: list[str]) -> None:
     report = {"settings": vars(args), "cells": rows, "notes": notes, "machine": {"cpus": os.cpu_count()}}
     Path(args.json).write_text(json.dumps(report, indent=2))
     lines = ["| workload | clients | mode | requests | errors | req/s | out tok/s | vs plain | TTFT p50 / p99 s | "
-             "e2e p50 / p99 s | mean acc. len |", "|" + "---|" * 11]
+             "e2e p50 / p99 s | mean acc. len | same answers as plain |", "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['workload']} | {r['clients']} | {r['mode']} | {r['requests']} | {r['errors']} | "
                      f"{r['requests_per_s']} | {r['output_tokens_per_s']} | {r['speedup_tokens_per_s']}x | "
                      f"{r['ttft_p50_s']} / {r['ttft_p99_s']} | {r['e2e_p50_s']} / {r['e2e_p99_s']} | "
-                     f"{r['mean_acceptance_length']} |")
+                     f"{r['mean_acceptance_length']} | {r['identical_to_plain'] or '-'} |")
     header = (f"Loopback load test: `ragspec serve`, {args.max_tokens} max tokens, greedy, "
               f"{args.requests_per_client} request(s) per client per cell, model {args.model or 'embedded'}"
               f"{', dtype ' + args.dtype if args.dtype else ''}.\n\n")
