@@ -19,8 +19,11 @@ def learning_rate(step: int, peak: float, warmup_steps: int, steps: int) -> floa
 def batch_rows(step: int, batch_size: int, count: int, seed: int) -> np.ndarray:
     """The `batch_size` sequences (of `count`) of `step`: epoch e visits all of them in a
     permutation seeded by (seed, e)."""
+    permutations: dict[int, np.ndarray] = {}  # one per epoch the batch touches (at most two)
     rows = []
     for sample in range(step * batch_size, (step + 1) * batch_size):
         epoch, position = divmod(sample, count)
-        rows.append(np.random.default_rng([seed, epoch]).permutation(count)[position])
+        if epoch not in permutations:
+            permutations[epoch] = np.random.default_rng([seed, epoch]).permutation(count)
+        rows.append(permutations[epoch][position])
     return np.array(rows)
