@@ -128,8 +128,10 @@ class LoadedModel:
     @property
     def fingerprint(self) -> str:
         """Identifies model + device + dtype + the kernels the model runs now (attention and
-        whether linears are packed), for caches such as the latency curve."""
-        packed = "-packed" if self.packed_linears else ""
+        whether linears are packed, and for how many rows), for caches such as the latency curve."""
+        from ragspec.kernels.linear import PACK_BATCH_ROWS
+
+        packed = f"-packed{PACK_BATCH_ROWS}" if self.packed_linears else ""
         return f"{self.model_fingerprint}-{self.model.config._attn_implementation}{packed}"
 
 
