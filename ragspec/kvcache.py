@@ -3,6 +3,7 @@
 Caches are transformers `DynamicCache`s whose layers keep every row ([batch, heads, rows, dim]
 keys and values), so that rows can be cut off and moved. A layer a model never writes (a layer
 skipped by a self-drafter) stays empty and is left alone by every operation here.
+`new_cache` gives them GrowingLayers (`ragspec.growing_kv`), which append in place.
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ import numpy as np
 import torch
 
 
-def new_cache(config):
-    """A DynamicCache for `config` whose sliding-window layers keep all rows like the others (the
-    attention masks apply the window), so that rejected tree rows can be cropped away."""
+def new_cache(config=None):
+    """A DynamicCache for `config` whose attention layers are GrowingLayers, sliding-window ones
+    included: they keep all rows like the others (the attention masks apply the window), so that
+    rejected tree rows can be cropped away. Without `config`, layers appear as they are written."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+    from ragspec.growing_kv import GrowingLayer
+
+    if config is None:
+        cache = DynamicCache()
+        cache.layer_class_to_replicate = GrowingLayer
+        return cache
     cache = DynamicCache(config=config)
-    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
+    cache.layers = [GrowingLayer() if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) else layer
+                    for layer in cache.layers]
     return cache
 
 
@@ -29,7 +38,9 @@ def croppable(cache) -> bool:
     linear-attention or SSM state)."""
     from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    from ragspec.growing_kv import GrowingLayer
+
+    return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in cache.layers)
 
 
 def cache_length(cache) -> int:
@@ -63,9 +74,7 @@ def keep_rows(cache, start: int, rows: Sequence[int] | np.ndarray) -> None:
 
 def copy_prefix(cache, length: int):
     """A new cache holding copies of the first `length` rows of `cache` (which stays as it is)."""
-    from transformers import DynamicCache
-
-    copy = DynamicCache()
+    copy = new_cache()
     for index, layer in enumerate(cache.layers):
         if layer.get_seq_length():  # empty layers below `index` are created empty by `update`
             copy.update(layer.keys[:, :, :length], layer.values[:, :, :length], index)  # update copies

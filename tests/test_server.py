@@ -11,6 +11,7 @@ from conftest import FLAT_CURVE
 from server_fixtures import LiveServer, metric_value
 
 from ragspec import Engine
+from ragspec.errors import ConfigError
 from ragspec.server import ServerConfig, create_app
 
 CHAT = [{"role": "user", "content": "Tell me a story about a red fox and a green frog."}]
@@ -230,3 +231,10 @@ def test_oversized_requests(guarded):
     assert response.status_code == 413
     too_many = _post(guarded, "/v1/chat/completions", json={**big, "messages": CHAT, "max_tokens": 65}, headers=auth)
     assert too_many.status_code == 400 and "limit of 64" in too_many.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("settings", [{"spec_max_in_flight": 0}, {"max_in_flight": 0}, {"k": -1}, {"api_key": " "},
+                                      {"max_tokens_limit": 64, "default_max_tokens": 65}])
+def test_bad_server_settings_are_config_errors(settings):
+    with pytest.raises(ConfigError):
+        ServerConfig(**settings)

@@ -153,9 +153,9 @@ def _check_shares_weights(view: torch.nn.Module, model: torch.nn.Module) -> None
 
 def new_view_cache():
     """A cache for a view: layers appear as they are written, skipped ones stay empty."""
-    from transformers import DynamicCache
+    from ragspec import kvcache
 
-    return DynamicCache()
+    return kvcache.new_cache()
 
 
 # ---------------------------------------------------------------------------------------------

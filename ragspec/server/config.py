@@ -37,9 +37,9 @@ class ServerConfig:
         if self.default_max_tokens is not None and not 1 <= self.default_max_tokens <= self.max_tokens_limit:
             raise ConfigError(f"default_max_tokens must be 1 to max_tokens_limit ({self.max_tokens_limit}), "
                               f"got {self.default_max_tokens}")
+        if self.spec_max_in_flight is not None and self.spec_max_in_flight < 1:
+            raise ConfigError(f"spec_max_in_flight must be >= 1 or None, got {self.spec_max_in_flight}")
 
     @property
     def max_tokens_default(self) -> int:
         return self.default_max_tokens or min(1024, self.max_tokens_limit)
-        if self.spec_max_in_flight is not None and self.spec_max_in_flight < 1:
-            raise ConfigError(f"spec_max_in_flight must be >= 1 or None, got {self.spec_max_in_flight}")
