@@ -49,10 +49,13 @@ class GrowingLayer(DynamicLayer):
     def _move_to_new_stores(self, held: int, total: int, key_states: torch.Tensor,
                             value_states: torch.Tensor) -> None:
         room = total + max(SPARE_ROWS, total // 4)
-        stores = []
-        for old, new in ((self.keys, key_states), (self.values, value_states)):
-            store = new.new_empty((*new.shape[:-2], room, new.shape[-1]))
-            if held:
-                store[..., :held, :].copy_(old[..., :held, :])
-            stores.append(store)
-        self.stores = (stores[0], stores[1])
+        self.stores = tuple(_moved(old, new, held, room) for old, new in ((self.keys, key_states),
+                                                                           (self.values, value_states)))
+
+
+def _moved(old: torch.Tensor, new: torch.Tensor, held: int, room: int) -> torch.Tensor:
+    """A buffer of `room` rows shaped like `new`, holding the first `held` rows of `old`."""
+    store = new.new_empty((*new.shape[:-2], room, new.shape[-1]))
+    if held:
+        store[..., :held, :].copy_(old[..., :held, :])
+    return store

@@ -406,8 +406,8 @@ def test_cli_generate_with_a_draft_model(tokenizer, tmp_path, monkeypatch):
     both = runner.invoke(main, ["generate", "a b c a b c a b", "--raw", "--stats", "--draft-model", draft,
                                 "--eagle-head", str(tmp_path / "head"), *common])
     assert both.exit_code == 0 and both.stdout == spec.stdout, both.output
-    save_head(random_head(sharp_tiny("llama", tokenizer, seed=0)), sharp_tiny("llama", tokenizer, seed=0),
-              tmp_path / "foreign", {"note": "another target's"})
+    foreign_target = sharp_tiny("llama", tokenizer, seed=0)
+    save_head(random_head(foreign_target), foreign_target, tmp_path / "foreign", {"note": "another target's"})
     foreign = runner.invoke(main, ["generate", "hi", "--eagle-head", str(tmp_path / "foreign"), *common])
     assert foreign.exit_code == 1 and foreign.stderr.startswith(f"Error: the EAGLE head in {tmp_path / 'foreign'} "
                                                                  "was trained on "), foreign.stderr
